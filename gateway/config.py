@@ -1,0 +1,285 @@
+"""The gateway's configuration: one TOML file, validated with pydantic.
+
+Every problem is reported at once, each naming the key, the value found and what
+is expected. Paths that are not absolute are taken relative to `gateway.data_dir`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.alarms import Priority
+from gateway.errors import ConfigError, ConfigUnreadableError
+from gateway.readings import Kind
+from gateway.rules import PatientRules, RoomRules
+
+Seconds = Annotated[float, Field(ge=0)]
+PriorityName = Literal["low", "medium", "high"]
+ROOM_KINDS = (
+    Kind.ROOM_TEMPERATURE,
+    Kind.HUMIDITY,
+    Kind.CO2,
+    Kind.LIGHT,
+    Kind.MOTION,
+    Kind.OCCUPANCY,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(_Section):
+    """`[gateway]`: identity and where state lives."""
+
+    id: str = Field("iomt-gateway", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    data_dir: Path = Path("/var/lib/iomt-gateway")
+    timezone: str = "UTC"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class StoreSection(_Section):
+    """`[store]`: the readings database."""
+
+    file: Path = Path("readings.db")
+    retention_days: float | None = Field(30.0, gt=0)
+    batch_size: int = Field(500, ge=1, le=100_000)
+    flush_interval_s: float = Field(0.2, gt=0, le=10)
+
+
+class TopicSection(_Section):
+    """`[[mqtt.topics]]`: one room-sensor topic filter and how to read it."""
+
+    filter: str = Field(min_length=1)
+    kind: Kind
+    format: Literal["number", "json"] = "json"
+    value_path: str = "value"
+    time_path: str | None = "ts"
+    room_level: int | None = Field(1, ge=0)
+    room: str | None = None
+    device: str | None = None
+    min_value: float | None = None
+    max_value: float | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _room_kind(cls, kind: Kind) -> Kind:
+        if kind not in ROOM_KINDS:
+            raise ValueError(
+                f"a room-sensor kind, one of {[k.value for k in ROOM_KINDS]}"
+            )
+        return kind
+
+
+class MqttSection(_Section):
+    """`[mqtt]`: the broker, and the room-sensor topics taken in from it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str = Field("iomt-gateway", min_length=1, max_length=64)
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    status_topic: str | None = "iomt/{gateway_id}/status"
+    topics: list[TopicSection] = []
+
+
+class RulesSection(_Section):
+    """`[rules]` and `[patients.rules]`: the alarm gate for wearables' streams."""
+
+    persistence_s: Seconds | None = None
+    clear_after_s: Seconds | None = None
+    min_score: int | None = Field(None, ge=1, le=3)
+    technical_persistence_s: Seconds | None = None
+    stale_after_s: float | None = Field(None, gt=0)
+    technical_priority: PriorityName | None = None
+    stale_priority: PriorityName | None = None
+    hysteresis: dict[Kind, Annotated[float, Field(ge=0)]] | None = None
+
+    def apply(self, base: PatientRules) -> PatientRules:
+        """`base` with every key given here changed."""
+        given = self.model_dump(exclude_none=True)
+        for key in ("technical_priority", "stale_priority"):
+            if key in given:
+                given[key] = Priority[given[key].upper()]
+        if "hysteresis" in given:
+            given["hysteresis"] = {**base.hysteresis, **given["hysteresis"]}
+        return PatientRules(**{**_fields(base), **given})
+
+
+class RoomsSection(_Section):
+    """`[rooms]`: room temperature band and the no-motion rule."""
+
+    temperature_low: float = 18.0
+    temperature_high: float = 26.0
+    temperature_hysteresis: Seconds = 0.5
+    persistence_s: Seconds = 600.0
+    temperature_priority: PriorityName = "low"
+    no_motion_after_s: float = Field(1800.0, gt=0)
+    no_motion_priority: PriorityName = "medium"
+
+    @model_validator(mode="after")
+    def _band(self) -> RoomsSection:
+        if self.temperature_low >= self.temperature_high:
+            raise ValueError("temperature_low below temperature_high")
+        return self
+
+    def to_rules(self) -> RoomRules:
+        """The engine's room settings."""
+        d = self.model_dump()
+        d["temperature_priority"] = Priority[d["temperature_priority"].upper()]
+        d["no_motion_priority"] = Priority[d["no_motion_priority"].upper()]
+        return RoomRules(**d)
+
+
+class AlertsSection(_Section):
+    """`[alerts]`: the outbox, where alerts go, and when they escalate."""
+
+    outbox_file: Path = Path("outbox.db")
+    topic_prefix: str = Field("ert", pattern=r"^[^#+]+$")
+    targets: list[str] = ["mqtt"]
+    escalation_targets: list[str] = []
+    escalate_after_s: float = Field(120.0, gt=0)
+    retry_initial_s: float = Field(2.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+
+    @field_validator("targets", "escalation_targets")
+    @classmethod
+    def _targets(cls, targets: list[str]) -> list[str]:
+        for t in targets:
+            if t != "mqtt" and "://" not in t:
+                raise ValueError('"mqtt" or an apprise URL such as "ntfys://topic"')
+        return targets
+
+
+class PatientSection(_Section):
+    """`[[patients]]`: one roster entry; the ref is pseudonymous."""
+
+    ref: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    label: str | None = Field(None, max_length=64)
+    room: str | None = None
+    rules: RulesSection = RulesSection()
+
+
+class DeviceSection(_Section):
+    """`[[devices]]`: a wearable and the patient wearing it."""
+
+    id: str = Field(min_length=1)
+    patient: str
+
+
+class ReplaySection(_Section):
+    """`[[replay]]`: a recording played through the live code path."""
+
+    source: Literal["mitdb", "mimic", "uci"]
+    file: str = Field(min_length=1)
+    device: str = Field(min_length=1)
+    patient: str | None = None
+    room: str | None = None
+
+    @model_validator(mode="after")
+    def _subject(self) -> ReplaySection:
+        if self.source == "uci" and not self.room:
+            raise ValueError("a uci replay needs room")
+        if self.source != "uci" and not self.patient:
+            raise ValueError(f"a {self.source} replay needs patient")
+        return self
+
+
+class Config(_Section):
+    """The whole configuration file."""
+
+    gateway: GatewaySection = GatewaySection()
+    store: StoreSection = StoreSection()
+    mqtt: MqttSection = MqttSection()
+    rules: RulesSection = RulesSection()
+    rooms: RoomsSection = RoomsSection()
+    alerts: AlertsSection = AlertsSection()
+    patients: list[PatientSection] = []
+    devices: list[DeviceSection] = []
+    replay: list[ReplaySection] = []
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        refs = [p.ref for p in self.patients]
+        if len(set(refs)) != len(refs):
+            raise ValueError("each patient ref only once")
+        known = set(refs)
+        for item in [*self.devices, *self.replay]:
+            patient = getattr(item, "patient", None)
+            if patient is not None and patient not in known:
+                raise ValueError(f"patient {patient!r} listed in [[patients]]")
+        return self
+
+    def path(self, p: Path) -> Path:
+        """`p` resolved against the data directory."""
+        return p if p.is_absolute() else self.gateway.data_dir / p
+
+    def patient_rules(self) -> tuple[PatientRules, dict[str, PatientRules]]:
+        """Default rules and each patient's, overrides applied."""
+        defaults = self.rules.apply(PatientRules())
+        return defaults, {p.ref: p.rules.apply(defaults) for p in self.patients}
+
+    def labels(self) -> dict[str, str]:
+        """Display label per patient ref, from the roster."""
+        return {p.ref: p.label for p in self.patients if p.label}
+
+
+def load_config(path: str | Path, **overrides: Any) -> Config:
+    """Read and validate a configuration file.
+
+    Args:
+        path: The TOML file.
+        **overrides: Top-level sections to update before validation (used by the
+            demo and tests, e.g. ``mqtt={"port": 1884}``).
+
+    Raises:
+        ConfigUnreadableError: The file cannot be read or is not TOML.
+        ConfigError: It is TOML but not a valid configuration; lists every problem.
+    """
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigUnreadableError(f"{path}: cannot read ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigUnreadableError(f"{path}: not valid TOML ({exc})") from exc
+    for section, values in overrides.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(str(path), [_describe(e) for e in exc.errors()]) from exc
+
+
+def _describe(error: Any) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    expected = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (a typo?); remove it or check the README"
+    if error["type"] == "string_pattern_mismatch":
+        expected = "letters, digits, '.', '_' or '-' (1 to 64 characters)"
+    if error["type"] == "missing":
+        return f"{key}: missing; this key is required"
+    return f"{key}: got {_short(error.get('input'))}; expected: {expected}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fields(rules: PatientRules) -> dict[str, Any]:
+    return {name: getattr(rules, name) for name in rules.__dataclass_fields__}

@@ -1,0 +1,273 @@
+"""The MQTT link: paho-mqtt 2.x behind a small asyncio interface.
+
+paho runs its network loop in its own thread; everything it reports is handed to
+the agent's event loop with `call_soon_threadsafe`, so handlers run on the loop.
+Publishing at QoS 1 returns an awaitable that completes on the broker's PUBACK.
+With `manual_ack`, an incoming QoS-1 message is acknowledged to the broker only when
+`ack()` is called: after the reading it carries is committed to the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttMessage:
+    """An incoming message, as handed to a subscription's handler."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    retain: bool
+    duplicate: bool
+
+
+@dataclass(slots=True)
+class MqttSettings:
+    """How to reach the broker (see `[mqtt]` in the configuration)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "iomt-gateway"
+    protocol: int = 5
+    keepalive: int = 30
+    session_expiry_s: int = 7 * 24 * 3600
+    clean_start: bool = False
+    username: str | None = None
+    password: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    will_topic: str | None = None
+    will_payload: bytes = b"offline"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+Handler = Callable[[MqttMessage], None]
+
+
+class MqttLink:
+    """One MQTT client connection, reconnecting by itself, driven from asyncio.
+
+    Args:
+        settings: Broker address, identity and session options.
+        manual_ack: Acknowledge QoS-1 messages only through `ack()`.
+    """
+
+    def __init__(self, settings: MqttSettings, *, manual_ack: bool = False) -> None:
+        self.settings = settings
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self.granted: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subs: dict[str, tuple[int, Handler]] = {}
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._early: set[int] = set()
+        self._lock = threading.Lock()
+        self._sub_mids: dict[int, list[str]] = {}
+        self._ever_connected = False
+        self._client = self._make_client(manual_ack)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Connect and start paho's network thread; reconnects are automatic.
+
+        Raises:
+            BrokerError: The broker did not accept a connection within `timeout`.
+        """
+        self._loop = asyncio.get_running_loop()
+        s = self.settings
+        props = None
+        if s.protocol == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = s.session_expiry_s
+        try:
+            self._client.connect_async(
+                s.host,
+                s.port,
+                s.keepalive,
+                clean_start=self._clean_start(),
+                properties=props,
+            )
+        except (OSError, ValueError) as exc:
+            raise BrokerError(s.host, s.port, str(exc)) from exc
+        self._client.loop_start()
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError as exc:
+            await self.close()
+            raise BrokerError(s.host, s.port, f"no connection in {timeout} s") from exc
+
+    async def close(self) -> None:
+        """Disconnect cleanly and stop the network thread."""
+        will = self.settings.will_topic
+        if will and self.connected.is_set():
+            info = self._client.publish(will, self.settings.will_payload, 1, True)
+            await asyncio.to_thread(info.wait_for_publish, 2.0)
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("MQTT link closed"))
+        self._pending.clear()
+
+    # -- API -------------------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Subscribe now (if connected) and again after every reconnect."""
+        self._subs[topic_filter] = (qos, handler)
+        if self.connected.is_set():
+            self._send_subscribe([topic_filter])
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish; for QoS >= 1, return once the broker has acknowledged it.
+
+        Raises:
+            ConnectionError: The link was closed before the broker acknowledged.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            info = self._client.publish(topic, payload, qos, retain)
+            if qos == 0 or info.mid in self._early:
+                self._early.discard(info.mid)
+                fut.set_result(None)
+            else:
+                self._pending[info.mid] = fut
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self._pending.pop(info.mid, None)
+            raise ConnectionError(mqtt.error_string(info.rc))
+        await fut
+
+    def ack(self, message: MqttMessage) -> None:
+        """Acknowledge a QoS-1 message to the broker (manual-ack mode)."""
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
+    # -- paho callbacks (network thread) ---------------------------------------
+
+    def _make_client(self, manual_ack: bool) -> mqtt.Client:
+        s = self.settings
+        protocol = mqtt.MQTTv5 if s.protocol == 5 else mqtt.MQTTv311
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=protocol,
+            clean_session=None if protocol == mqtt.MQTTv5 else s.clean_start,
+            manual_ack=manual_ack,
+        )
+        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(100)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        if s.tls_ca_file:
+            client.tls_set(
+                ca_certs=s.tls_ca_file, certfile=s.tls_cert_file, keyfile=s.tls_key_file
+            )
+        if s.will_topic:
+            client.will_set(s.will_topic, s.will_payload, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    def _clean_start(self) -> bool | int:
+        if self.settings.protocol != 5:
+            return mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        return self.settings.clean_start
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("MQTT broker refused the connection: %s", reason_code)
+            return
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = True
+        log.info(
+            "MQTT connected to %s:%d as %s (session present: %s)",
+            self.settings.host,
+            self.settings.port,
+            self.settings.client_id,
+            flags.session_present,
+        )
+        if self._subs:
+            self._send_subscribe(list(self._subs))
+        if self.settings.will_topic:
+            client.publish(self.settings.will_topic, b"online", 1, True)
+        self._call(self.connected.set)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected.is_set():
+            log.info("MQTT disconnected (%s); reconnecting", reason_code)
+        self._call(self.connected.clear)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        message = MqttMessage(
+            topic=msg.topic,
+            payload=msg.payload,
+            qos=msg.qos,
+            mid=msg.mid,
+            retain=bool(msg.retain),
+            duplicate=bool(msg.dup),
+        )
+        for topic_filter, (_qos, handler) in self._subs.items():
+            if mqtt.topic_matches_sub(topic_filter, msg.topic):
+                self._call(handler, message)
+                return
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            fut = self._pending.pop(mid, None)
+            if fut is None:
+                self._early.add(mid)
+                return
+        self._call(_resolve, fut)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        filters = self._sub_mids.pop(mid, [])
+        for topic_filter, code in zip(filters, reason_codes, strict=False):
+            wanted = self._subs.get(topic_filter, (1, None))[0]
+            granted = code.value if code.value < 0x80 else -1
+            self.granted[topic_filter] = granted
+            if granted < wanted:
+                log.warning(
+                    "broker granted QoS %d for %s, asked %d: messages may be lost",
+                    granted,
+                    topic_filter,
+                    wanted,
+                )
+
+    def _send_subscribe(self, filters: list[str]) -> None:
+        pairs = [(f, self._subs[f][0]) for f in filters]
+        _rc, mid = self._client.subscribe(pairs)
+        if mid is not None:
+            self._sub_mids[mid] = filters
+
+    def _call(self, fn: Callable[..., object], *args: object) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

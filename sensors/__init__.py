@@ -1,0 +1,1 @@
+"""Sensor adapters: BLE wearables, MQTT room sensors, replay of recordings."""
