@@ -130,6 +130,8 @@ class RoomsSection(_Section):
     temperature_priority: PriorityName = "low"
     no_motion_after_s: float = Field(1800.0, gt=0)
     no_motion_priority: PriorityName = "medium"
+    stale_after_s: float = Field(600.0, gt=0)
+    stale_priority: PriorityName = "low"
 
     @model_validator(mode="after")
     def _band(self) -> RoomsSection:
@@ -140,8 +142,8 @@ class RoomsSection(_Section):
     def to_rules(self) -> RoomRules:
         """The engine's room settings."""
         d = self.model_dump()
-        d["temperature_priority"] = Priority[d["temperature_priority"].upper()]
-        d["no_motion_priority"] = Priority[d["no_motion_priority"].upper()]
+        for key in ("temperature_priority", "no_motion_priority", "stale_priority"):
+            d[key] = Priority[d[key].upper()]
         return RoomRules(**d)
 
 

@@ -80,6 +80,7 @@ class MqttLink:
         self._lock = threading.Lock()
         self._sub_mids: dict[int, list[str]] = {}
         self._ever_connected = False
+        self._closing = False
         self._client = self._make_client(manual_ack)
 
     # -- lifecycle -------------------------------------------------------------
@@ -115,6 +116,7 @@ class MqttLink:
 
     async def close(self) -> None:
         """Disconnect cleanly and stop the network thread."""
+        self._closing = True
         will = self.settings.will_topic
         if will and self.connected.is_set():
             info = self._client.publish(will, self.settings.will_payload, 1, True)
@@ -217,7 +219,7 @@ class MqttLink:
         self._call(self.connected.set)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._closing:
             log.info("MQTT disconnected (%s); reconnecting", reason_code)
         self._call(self.connected.clear)
 
@@ -244,7 +246,8 @@ class MqttLink:
         self._call(_resolve, fut)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        filters = self._sub_mids.pop(mid, [])
+        with self._lock:
+            filters = self._sub_mids.pop(mid, [])
         for topic_filter, code in zip(filters, reason_codes, strict=False):
             wanted = self._subs.get(topic_filter, (1, None))[0]
             granted = code.value if code.value < 0x80 else -1
@@ -259,9 +262,11 @@ class MqttLink:
 
     def _send_subscribe(self, filters: list[str]) -> None:
         pairs = [(f, self._subs[f][0]) for f in filters]
-        _rc, mid = self._client.subscribe(pairs)
-        if mid is not None:
-            self._sub_mids[mid] = filters
+        # Hold the lock so that the SUBACK, handled on paho's thread, finds its mid.
+        with self._lock:
+            _rc, mid = self._client.subscribe(pairs)
+            if mid is not None:
+                self._sub_mids[mid] = filters
 
     def _call(self, fn: Callable[..., object], *args: object) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -81,6 +81,8 @@ class RoomRules:
         temperature_priority: Priority of the room temperature alarm.
         no_motion_after_s: No motion for this long while someone is present alarms.
         no_motion_priority: Priority of the no-motion alarm.
+        stale_after_s: No data from a room sensor for this long is a technical alarm.
+        stale_priority: Its priority.
     """
 
     temperature_low: float = 18.0
@@ -90,6 +92,8 @@ class RoomRules:
     temperature_priority: Priority = Priority.LOW
     no_motion_after_s: float = 1800.0
     no_motion_priority: Priority = Priority.MEDIUM
+    stale_after_s: float = 600.0
+    stale_priority: Priority = Priority.LOW
 
 
 class Gate:
@@ -214,8 +218,8 @@ class RuleEngine:
         """Find streams that went quiet by `now`."""
         events: list[AlarmEvent] = []
         for device_id, stream in self._streams.items():
-            rules = self.rules_for(stream.patient_ref)
-            if not stream.stale and now - stream.last_seen >= rules.stale_after_s:
+            after, _ = self._staleness(stream)
+            if not stream.stale and now - stream.last_seen >= after:
                 stream.stale = True
                 events.append(self._stale_event(device_id, stream, Action.RAISE, now))
         return events
@@ -239,17 +243,23 @@ class RuleEngine:
         stream.stale = False
         return [self._stale_event(r.device_id, stream, Action.CLEAR, now)]
 
+    def _staleness(self, stream: _Stream) -> tuple[float, Priority]:
+        if stream.patient_ref is None and stream.room is not None:
+            return self.rooms_rules.stale_after_s, self.rooms_rules.stale_priority
+        rules = self.rules_for(stream.patient_ref)
+        return rules.stale_after_s, rules.stale_priority
+
     def _stale_event(
         self, device_id: str, stream: _Stream, action: Action, at: float
     ) -> AlarmEvent:
-        rules = self.rules_for(stream.patient_ref)
+        after, priority = self._staleness(stream)
         subject = stream.patient_ref or stream.room or "-"
         return AlarmEvent(
             condition=f"{subject}/{device_id}/stale",
             action=action,
             category=Category.TECHNICAL,
-            priority=rules.stale_priority,
-            reason=f"no data from the device for {rules.stale_after_s:.0f} s",
+            priority=priority,
+            reason=f"no data from the device for {after:.0f} s",
             at=at,
             patient_ref=stream.patient_ref,
             room=stream.room,

@@ -1,4 +1,4 @@
-"""Configuration: the shipped files validate; every error names key, value, expectation."""
+"""Configuration: shipped files validate; errors name key, value, expectation."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Model definitions for on-device learning (see models/README.md)."""
