@@ -1,0 +1,348 @@
+"""The agent: wires configuration to store, rules, alerts and sources, and runs them.
+
+One asyncio loop carries ingest, rules and alert delivery. Every background task is
+owned (a reference kept, a readable name) and every resource is released through an
+exit stack, so a cancelled or failed start leaves nothing open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from gateway.alerts import AlertManager
+from gateway.apprise_push import AppriseNotifier
+from gateway.clock import Clock, ManualClock, SystemClock
+from gateway.config import Config, ReplaySection
+from gateway.errors import ConfigError, DeliveryError
+from gateway.notify import MQTT_TARGET, Alert, MqttNotifier, Notifier
+from gateway.outbox import Outbox
+from gateway.paho import MqttLink, MqttSettings
+from gateway.pipeline import Pipeline
+from gateway.rules import RuleEngine
+from gateway.store import ReadingStore
+from sensors.errors import DecodeError
+from sensors.replay import (
+    ReplayEvent,
+    data_path,
+    merge,
+    mimic,
+    mitdb,
+    readings_from_hrm,
+    replay,
+    uci,
+)
+from sensors.room import RoomSensorAdapter, RoomSensorDecoder, TopicMap
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+RETENTION_EVERY_S = 3600.0
+
+
+class Agent:
+    """The running gateway.
+
+    Args:
+        config: Validated configuration.
+        clock: Time source; a `ManualClock` when replaying faster than real time.
+        on_alert: Called with each alert and target after delivery (the demo's
+            timeline).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        on_alert: Callable[[Alert, str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self._on_alert = on_alert
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.store: ReadingStore
+        self.outbox: Outbox
+        self.alerts: AlertManager
+        self.pipeline: Pipeline
+        self.room: RoomSensorAdapter | None = None
+        self._alert_link: MqttLink | None = None
+        self._wearers = {d.id: d.patient for d in config.devices} | {
+            r.device: r.patient for r in config.replay if r.patient
+        }
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self, *, live_ticks: bool = True) -> None:
+        """Open the store and outbox, connect, subscribe, start the tasks.
+
+        Raises:
+            StoreError: A database cannot be opened.
+            BrokerError: The MQTT broker cannot be reached.
+        """
+        cfg = self.config
+        cfg.gateway.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = self._open_store()
+        self.outbox = Outbox(cfg.path(cfg.alerts.outbox_file))
+        self._stack.callback(self.outbox.close)
+
+        self._alert_link = await self._connect(
+            self._settings("alerts"), manual_ack=False
+        )
+        self.alerts = self._alert_manager(self._alert_link)
+        await self.alerts.start()
+        self._stack.push_async_callback(self.alerts.stop)
+        prefix = cfg.alerts.topic_prefix
+        self._alert_link.subscribe(f"{prefix}/ack/+", self.alerts.ack_handler())
+
+        self.pipeline = Pipeline(
+            self.store, self._rule_engine(), self.alerts, self.clock
+        )
+        self.pipeline.start()
+        self._stack.push_async_callback(self.pipeline.stop)
+        await self._start_room_sensors()
+        if live_ticks:
+            self._spawn(self._tick_forever(), "rules-tick")
+        self._spawn(self._retention_forever(), "store-retention")
+        log.info("gateway %s running", cfg.gateway.id)
+
+    async def stop(self) -> None:
+        """Stop the tasks, deliver what can be, close everything (reverse order)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self._stack.aclose()
+        log.info("gateway %s stopped", self.config.gateway.id)
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    # -- replay --------------------------------------------------------------------
+
+    async def replay(self, *, start: float, speed: float | None) -> None:
+        """Play the configured recordings through the live code path.
+
+        Wearable recordings enter as the bytes a strap sends or as monitor readings;
+        room logs are published to the broker as room sensors would and come back
+        through the room-sensor adapter. With `speed=None`, as fast as possible.
+        """
+        events = merge(*(self._recording(r, start) for r in self.config.replay))
+        clock = (
+            self.clock if isinstance(self.clock, ManualClock) else ManualClock(start)
+        )
+        publisher = await self._connect(self._settings("replay"), manual_ack=False)
+        player = _Player(self, publisher)
+        try:
+            await replay(
+                events, speed=speed, clock=clock, emit=player.emit, tick=player.tick
+            )
+            await player.settle()
+        finally:
+            await publisher.close()
+
+    def patient_of(self, device_id: str) -> str | None:
+        """The patient wearing a device, from the roster and the replay entries."""
+        return self._wearers.get(device_id)
+
+    def _recording(self, r: ReplaySection, start: float) -> Iterator[ReplayEvent]:
+        path = resolve_data(r.file)
+        if r.source == "mitdb":
+            events: Iterable[ReplayEvent] = mitdb.heart_rate_notifications(
+                path, start=start, device_id=r.device
+            )
+        elif r.source == "mimic":
+            events = mimic.trend_readings(
+                path, start=start, device_id=r.device, patient_ref=r.patient
+            )
+        else:
+            events = uci.room_messages(path, start=start, room=r.room or "")
+        return _ending(events, r.device)
+
+    # -- wiring --------------------------------------------------------------------
+
+    def _open_store(self) -> ReadingStore:
+        cfg = self.config
+        store = ReadingStore(
+            cfg.path(cfg.store.file),
+            batch_size=cfg.store.batch_size,
+            flush_interval=cfg.store.flush_interval_s,
+            retention_days=cfg.store.retention_days,
+            clock=self.clock,
+        )
+        store.open()
+        self._stack.callback(store.close)
+        return store
+
+    def _rule_engine(self) -> RuleEngine:
+        defaults, patients = self.config.patient_rules()
+        return RuleEngine(defaults, patients, self.config.rooms.to_rules())
+
+    def _alert_manager(self, link: MqttLink) -> AlertManager:
+        a = self.config.alerts
+        mqtt_notifier = MqttNotifier(link, prefix=a.topic_prefix)
+        urls = [t for t in (*a.targets, *a.escalation_targets) if t != MQTT_TARGET]
+        try:
+            apprise_notifier = AppriseNotifier(urls)
+        except DeliveryError as exc:
+            raise ConfigError(
+                "[alerts]",
+                [f"alerts.targets: {exc.target} is not a URL apprise supports"],
+            ) from exc
+
+        def notifier_for(target: str) -> Notifier:
+            return mqtt_notifier if target == MQTT_TARGET else apprise_notifier
+
+        labels = self.config.labels()
+        return AlertManager(
+            self.outbox,
+            notifier_for,
+            a.targets,
+            a.escalation_targets,
+            self.clock,
+            labels=lambda ref: labels.get(ref or ""),
+            escalate_after_s=a.escalate_after_s,
+            retry_initial_s=a.retry_initial_s,
+            retry_max_s=a.retry_max_s,
+            on_alert=self._on_alert,
+        )
+
+    async def _start_room_sensors(self) -> None:
+        topics = self.config.mqtt.topics
+        if not topics:
+            return
+        maps = [TopicMap(**t.model_dump()) for t in topics]
+        link = await self._connect(self._settings("ingest"), manual_ack=True)
+        decoder = RoomSensorDecoder(maps, clock=self.clock)
+        self.room = RoomSensorAdapter(
+            link,
+            decoder,
+            ingest=self.pipeline.ingest,
+            quarantine=self.pipeline.quarantine,
+        )
+        self.room.start()
+
+    def _settings(self, role: str) -> MqttSettings:
+        m = self.config.mqtt
+        status = m.status_topic.format(gateway_id=self.config.gateway.id)
+        return MqttSettings(
+            host=m.host,
+            port=m.port,
+            client_id=m.client_id if role == "ingest" else f"{m.client_id}-{role}",
+            protocol=5 if m.protocol == "5" else 4,
+            keepalive=m.keepalive_s,
+            tls_ca_file=_str(m.tls_ca_file),
+            tls_cert_file=_str(m.tls_cert_file),
+            tls_key_file=_str(m.tls_key_file),
+            will_topic=status if role == "alerts" and m.status_topic else None,
+        )
+
+    async def _connect(self, settings: MqttSettings, *, manual_ack: bool) -> MqttLink:
+        link = MqttLink(settings, manual_ack=manual_ack)
+        await link.connect()
+        self._stack.push_async_callback(link.close)
+        return link
+
+    # -- background tasks ----------------------------------------------------------
+
+    def _spawn(self, coro: object, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.pipeline.tick()
+            await self.alerts.tick()
+
+    async def _retention_forever(self) -> None:
+        while True:
+            deleted = await asyncio.to_thread(self.store.apply_retention)
+            if deleted:
+                log.info("retention removed %d old rows", deleted)
+            await asyncio.sleep(RETENTION_EVERY_S)
+
+
+class _Player:
+    """Hands replay events to the agent as live sources would."""
+
+    def __init__(self, agent: Agent, publisher: MqttLink) -> None:
+        self.agent = agent
+        self.publisher = publisher
+        self.published = 0
+
+    async def emit(self, ev: ReplayEvent) -> None:
+        pipeline = self.agent.pipeline
+        if ev.kind == "ble":
+            self._notification(ev)
+        elif ev.kind == "reading":
+            pipeline.ingest(ev.payload)  # type: ignore[arg-type]
+        elif ev.kind == "mqtt":
+            topic, payload = ev.payload  # type: ignore[misc]
+            await self.publisher.publish(topic, payload, qos=1)
+            self.published += 1
+        elif ev.kind == "end":
+            await self._caught_up()
+            pipeline.retire(ev.device_id)
+
+    async def tick(self, now: float) -> None:
+        await self._caught_up()
+        self.agent.pipeline.tick(now)
+        await self.agent.alerts.tick()
+
+    async def settle(self) -> None:
+        await self._caught_up()
+        await self.agent.pipeline.drain()
+        await self.agent.store.flush()
+
+    def _notification(self, ev: ReplayEvent) -> None:
+        device = ev.device_id
+        patient = self.agent.patient_of(device)
+        data: bytes = ev.payload  # type: ignore[assignment]
+        try:
+            readings = readings_from_hrm(
+                data, device_id=device, patient_ref=patient, at=ev.at
+            )
+        except DecodeError as err:
+            self.agent.pipeline.quarantine(f"ble:{device}", err.reason, data)
+            return
+        for r in readings:
+            self.agent.pipeline.ingest(r)
+
+    async def _caught_up(self) -> None:
+        # Room readings travel through the broker; rules that judge silence must
+        # not run ahead of messages still in flight.
+        room = self.agent.room
+        if room is None:
+            return
+        while room.counters.received < self.published:
+            await asyncio.sleep(0.001)
+
+
+def _ending(events: Iterable[ReplayEvent], device_id: str) -> Iterator[ReplayEvent]:
+    last = None
+    for last in events:
+        yield last
+    if last is not None:
+        yield ReplayEvent(at=last.at, device_id=device_id, kind="end", payload=b"")
+
+
+def resolve_data(file: str) -> Path:
+    """A replay file: ``data:NAME`` is a recording shipped with the gateway."""
+    if file.startswith("data:"):
+        return data_path(file.removeprefix("data:"))
+    return Path(file)
+
+
+def _str(p: Path | None) -> str | None:
+    return None if p is None else str(p)

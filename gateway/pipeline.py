@@ -1,0 +1,142 @@
+"""The pipeline every reading goes through: store, rules, alerts.
+
+`ingest()` is synchronous and cheap: it enqueues the reading for the store's batch
+writer and runs the rules in memory. Alarm events go through one queue to the alert
+manager, in order, so the outbox write (fsync) never stalls ingest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.alarms import AlarmEvent
+from gateway.clock import Clock
+from gateway.readings import Reading
+from gateway.rules import RuleEngine
+
+log = logging.getLogger(__name__)
+
+Ack = Callable[[], None]
+
+
+class ReadingSink(Protocol):
+    """The store, as the pipeline sees it."""
+
+    def put(self, reading: Reading, on_commit: Ack | None = None) -> None:
+        """Queue a reading for the next batch."""
+        ...
+
+    def quarantine(
+        self, source: str, reason: str, payload: bytes, on_commit: Ack | None = None
+    ) -> None:
+        """Keep rejected input with its reason."""
+        ...
+
+
+class AlarmSink(Protocol):
+    """The alert manager, as the pipeline sees it."""
+
+    async def handle(self, event: AlarmEvent) -> object:
+        """Turn an event into an alert in the outbox."""
+        ...
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    """Counters for status and metrics."""
+
+    readings: int = 0
+    quarantined: int = 0
+    events: int = 0
+
+
+class Pipeline:
+    """Readings in; stored, evaluated, and alarm events handed on in order.
+
+    Args:
+        store: Where readings and quarantined input go.
+        rules: The rule engine.
+        alarms: Where alarm events go (the alert manager).
+        clock: The time readings are taken to arrive at.
+    """
+
+    def __init__(
+        self, store: ReadingSink, rules: RuleEngine, alarms: AlarmSink, clock: Clock
+    ) -> None:
+        self.store = store
+        self.rules = rules
+        self.alarms = alarms
+        self.clock = clock
+        self.stats = PipelineStats()
+        self._events: asyncio.Queue[AlarmEvent] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the task that hands events to the alert manager."""
+        self._task = asyncio.create_task(self._dispatch(), name="pipeline-dispatch")
+
+    async def stop(self) -> None:
+        """Hand over the events still queued, then stop."""
+        await self.drain()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def drain(self) -> None:
+        """Wait until every event so far has reached the alert manager."""
+        await self._events.join()
+
+    def ingest(self, reading: Reading, on_commit: Ack | None = None) -> None:
+        """Take one reading: queue it for the store, evaluate the rules."""
+        self.stats.readings += 1
+        self.store.put(reading, on_commit)
+        self._emit(self.rules.evaluate(reading, self.clock.now()))
+
+    def quarantine(
+        self, source: str, reason: str, payload: bytes, on_commit: Ack | None = None
+    ) -> None:
+        """Keep rejected input with its reason; it is counted, never dropped."""
+        self.stats.quarantined += 1
+        log.warning("quarantined input from %s: %s", source, reason)
+        self.store.quarantine(source, reason, payload, on_commit)
+
+    def tick(self, now: float | None = None) -> None:
+        """Let the rules find silent streams as of `now` (the clock's time)."""
+        self._emit(self.rules.tick(self.clock.now() if now is None else now))
+
+    def retire(self, device_id: str) -> None:
+        """Stop watching a device removed on purpose (end of a recording)."""
+        self._emit(self.rules.retire(device_id))
+
+    def _emit(self, events: list[AlarmEvent]) -> None:
+        for event in events:
+            self.stats.events += 1
+            self._events.put_nowait(event)
+
+    async def _dispatch(self) -> None:
+        while True:
+            event = await self._events.get()
+            try:
+                await self._hand_over(event)
+            finally:
+                self._events.task_done()
+
+    async def _hand_over(self, event: AlarmEvent) -> None:
+        # An alarm must not be lost: if the outbox cannot take it (disk full,
+        # read-only mount), keep trying; later events wait behind it, in order.
+        delay = 0.5
+        while True:
+            try:
+                await self.alarms.handle(event)
+                return
+            except Exception:
+                log.exception("alarm event not stored; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
