@@ -96,6 +96,8 @@ def _setup_logging(level: str) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # apprise logs notification bodies (alerts: health data) at debug: never that.
+    logging.getLogger("apprise").setLevel(max(logging.WARNING, logging.root.level))
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

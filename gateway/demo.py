@@ -57,60 +57,64 @@ async def run_demo(
     """
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(LocalBroker(persistence=False))
-        if keep is None:
-            keep = Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="iomt-"))
-            )
+        state = keep or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="iomt-demo-"))
+        )
         cfg = load_config(
             config or DEMO_CONFIG,
-            gateway={"data_dir": str(keep)},
+            gateway={"data_dir": str(state)},
             mqtt={"port": broker.port},
         )
         start = time.time() // 60 * 60
         timeline = Timeline(start)
         agent = Agent(cfg, clock=ManualClock(start), on_alert=timeline.delivered)
-        _header(cfg, broker.port, speed)
+        _header(broker.port, speed)
         began = time.monotonic()
         await agent.start(live_ticks=False)
         try:
             await agent.replay(start=start, speed=speed)
             await _all_delivered(agent)
-            _summary(agent, time.monotonic() - began)
+            _summary(agent, time.monotonic() - began, keep)
         finally:
             await agent.stop()
     return ExitCode.OK
 
 
-def _header(cfg: object, port: int, speed: float | None) -> None:
+def _header(port: int, speed: float | None) -> None:
     pace = f"{speed:g}x real time" if speed else "as fast as possible"
     print(f"iomt-gateway demo: mosquitto on 127.0.0.1:{port}, replay {pace}")
     print("time    priority subject   category       reason")
 
 
 async def _all_delivered(agent: Agent) -> None:
+    # Done when the outbox has nothing pending and every delivery it records has
+    # also been reported to the timeline (the manager marks the row first).
     deadline = time.monotonic() + DELIVERY_WAIT_S
     while time.monotonic() < deadline:
-        pending = [
-            d
+        states = [
+            d.delivered_at is not None
             for r in agent.outbox.list_alerts(limit=100_000)
             for d in r.deliveries
-            if d.delivered_at is None
         ]
-        if not pending:
+        if all(states) and agent.alerts.stats.delivered >= len(states):
             return
         await asyncio.sleep(0.1)
     log.warning("some alerts were still undelivered after %.0f s", DELIVERY_WAIT_S)
 
 
-def _summary(agent: Agent, elapsed: float) -> None:
-    records = agent.outbox.list_alerts(limit=100_000)
+def _summary(agent: Agent, elapsed: float, keep: Path | None) -> None:
+    cfg = agent.config
+    subjects = [p.label or p.ref for p in cfg.patients]
+    subjects += [r.room for r in cfg.replay if r.room]
     lines = summary_lines(
-        records,
+        agent.outbox.list_alerts(limit=100_000),
         agent.store.counts_by_kind(),
         sum(agent.store.quarantine_counts().values()),
+        subjects,
     )
     print()
     print(f"replayed in {elapsed:.1f} s")
     for line in lines:
         print(line)
-    print(f"state kept in {agent.config.gateway.data_dir}")
+    if keep is not None:
+        print(f"state kept in {keep} (readings.db, outbox.db)")

@@ -70,21 +70,31 @@ def record_dict(r: AlertRecord) -> dict[str, object]:
 
 
 def summary_lines(
-    records: list[AlertRecord], readings: Mapping[str, int], quarantined: int
+    records: list[AlertRecord],
+    readings: Mapping[str, int],
+    quarantined: int,
+    subjects: Iterable[str] = (),
 ) -> list[str]:
-    """The demo's closing summary: what was stored, and what was raised for whom."""
+    """The demo's closing summary: what was stored, and what was raised for whom.
+
+    Args:
+        records: The outbox.
+        readings: Stored readings per kind.
+        quarantined: Inputs kept in quarantine.
+        subjects: Patients and rooms to list even when nothing was raised for them.
+    """
     lines = [
         f"readings stored: {sum(readings.values())} "
         f"({', '.join(f'{k} {n}' for k, n in sorted(readings.items()))})",
         f"quarantined input: {quarantined}",
         f"alerts raised: {len(records)}",
     ]
-    by_subject: dict[str, Counter[str]] = {}
+    by_subject: dict[str, Counter[str]] = {s: Counter() for s in subjects}
     for r in records:
         key = f"{r.alert.priority.label} {r.alert.category}"
         by_subject.setdefault(r.alert.subject(), Counter())[key] += 1
     for subject, counts in sorted(by_subject.items()):
-        listed = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        listed = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none"
         lines.append(f"  {subject:<8} {listed}")
     return lines
 

@@ -19,6 +19,7 @@ from gateway.notify import Alert, MemoryNotifier, iso_utc, redact
 from gateway.outbox import AlertRecord, Outbox
 from gateway.paho import MqttMessage
 from gateway.readings import Kind
+from tests.waiting import until
 
 T0 = 1_700_000_000.0
 HR_HIGH = "p-17/heart_rate/high"
@@ -42,14 +43,6 @@ def event(
         device_id="AA:BB:CC:DD:EE:FF",
         evidence=(Evidence(Kind.HEART_RATE, 137.0, "bpm", at - 1.0),),
     )
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.01)
 
 
 class Harness:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from gateway.outbox import Outbox
 from gateway.paho import MqttLink, MqttMessage, MqttSettings
 from gateway.readings import Kind
 from tests.http_receiver import HttpReceiver
+from tests.waiting import until
 
 T0 = 1_700_000_000.0
 
@@ -38,26 +38,6 @@ def hr_event(at: float = T0) -> AlarmEvent:
         patient_ref="p-17",
         evidence=(Evidence(Kind.HEART_RATE, 137.0, "bpm", at - 1.0),),
     )
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-def broker() -> Iterator[LocalBroker]:
-    with LocalBroker() as b:
-        yield b
-
-
-@pytest.fixture
-def receiver() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as rx:
-        yield rx
 
 
 @contextlib.asynccontextmanager
