@@ -111,6 +111,14 @@ class Pipeline:
         """Let the rules find silent streams as of `now` (the clock's time)."""
         self._emit(self.rules.tick(self.clock.now() if now is None else now))
 
+    def link_state(
+        self, device_id: str, patient_ref: str | None, connected: bool
+    ) -> None:
+        """A wearable's link went down or came back (technical alarm after a delay)."""
+        self._emit(
+            self.rules.link_state(device_id, patient_ref, connected, self.clock.now())
+        )
+
     def retire(self, device_id: str) -> None:
         """Stop watching a device removed on purpose (end of a recording)."""
         self._emit(self.rules.retire(device_id))

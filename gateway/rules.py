@@ -161,6 +161,8 @@ class _Stream:
     last_seen: float
     stale: bool = False
     last_at: dict[Kind, float] = field(default_factory=dict)
+    down_since: float | None = None
+    down_alarm: bool = False
 
 
 @dataclass(slots=True)
@@ -215,13 +217,45 @@ class RuleEngine:
         return events
 
     def tick(self, now: float) -> list[AlarmEvent]:
-        """Find streams that went quiet by `now`."""
+        """Find streams that went quiet, and links down too long, by `now`."""
         events: list[AlarmEvent] = []
         for device_id, stream in self._streams.items():
             after, _ = self._staleness(stream)
-            if not stream.stale and now - stream.last_seen >= after:
+            if stream.down_since is not None:
+                if not stream.down_alarm and now - stream.down_since >= after:
+                    stream.down_alarm = True
+                    events.append(
+                        self._down_event(device_id, stream, Action.RAISE, now)
+                    )
+            elif not stream.stale and now - stream.last_seen >= after:
                 stream.stale = True
                 events.append(self._stale_event(device_id, stream, Action.RAISE, now))
+        return events
+
+    def link_state(
+        self, device_id: str, patient_ref: str | None, connected: bool, at: float
+    ) -> list[AlarmEvent]:
+        """A wearable's link went down or came back.
+
+        A link down for `stale_after_s` is its own technical alarm ("disconnected"),
+        raised by `tick()`; while it is down, silence is not also "no data".
+        """
+        stream = self._streams.get(device_id)
+        if stream is None:
+            stream = self._streams[device_id] = _Stream(patient_ref, None, at)
+        if connected == (stream.down_since is None):
+            return []
+        events = []
+        if connected:
+            stream.down_since, stream.last_seen = None, at
+            if stream.down_alarm:
+                stream.down_alarm = False
+                events.append(self._down_event(device_id, stream, Action.CLEAR, at))
+        else:
+            stream.down_since = at
+            if stream.stale:
+                stream.stale = False
+                events.append(self._stale_event(device_id, stream, Action.CLEAR, at))
         return events
 
     def retire(self, device_id: str) -> list[AlarmEvent]:
@@ -263,6 +297,21 @@ class RuleEngine:
             at=at,
             patient_ref=stream.patient_ref,
             room=stream.room,
+            device_id=device_id,
+        )
+
+    def _down_event(
+        self, device_id: str, stream: _Stream, action: Action, at: float
+    ) -> AlarmEvent:
+        after, priority = self._staleness(stream)
+        return AlarmEvent(
+            condition=f"{stream.patient_ref or '-'}/{device_id}/disconnected",
+            action=action,
+            category=Category.TECHNICAL,
+            priority=priority,
+            reason=f"wearable disconnected for {after:.0f} s",
+            at=at,
+            patient_ref=stream.patient_ref,
             device_id=device_id,
         )
 

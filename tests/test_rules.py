@@ -142,6 +142,29 @@ def test_stale_stream_raises_once_and_clears_when_data_returns() -> None:
     assert back.action is Action.CLEAR and back.condition == stale.condition
 
 
+def test_disconnected_is_its_own_alarm_not_also_stale() -> None:
+    engine = RuleEngine(PatientRules(stale_after_s=30))
+    feed(engine, [hr(70, 0)])
+    assert engine.link_state("strap-1", P, connected=False, at=5) == []
+    assert engine.tick(20) == []
+    (down,) = engine.tick(36)
+    assert down.condition == f"{P}/strap-1/disconnected"
+    assert down.category is Category.TECHNICAL and down.action is Action.RAISE
+    assert engine.tick(500) == []  # no "no data" alarm on top of it
+    (back,) = engine.link_state("strap-1", P, connected=True, at=600)
+    assert back.action is Action.CLEAR and back.condition == down.condition
+    (stale,) = engine.tick(631)  # connected, silent: now that is "no data"
+    assert stale.condition.endswith("/stale")
+
+
+def test_a_short_drop_raises_nothing() -> None:
+    engine = RuleEngine(PatientRules(stale_after_s=30))
+    feed(engine, [hr(70, 0)])
+    engine.link_state("strap-1", P, connected=False, at=5)
+    assert engine.link_state("strap-1", P, connected=True, at=15) == []
+    assert engine.tick(40) == []
+
+
 def test_a_data_gap_restarts_persistence() -> None:
     engine = RuleEngine(PatientRules(persistence_s=60, stale_after_s=120))
     assert feed(engine, [hr(140, 0), hr(140, 300)]) == []
