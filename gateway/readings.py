@@ -20,6 +20,12 @@ class Kind(enum.StrEnum):
     LIGHT = "light"
     MOTION = "motion"
     OCCUPANCY = "occupancy"
+    SYSTOLIC_PRESSURE = "systolic_pressure"
+    DIASTOLIC_PRESSURE = "diastolic_pressure"
+    MEAN_ARTERIAL_PRESSURE = "mean_arterial_pressure"
+    GLUCOSE = "glucose"
+    BATTERY = "battery"
+    ENERGY_EXPENDED = "energy_expended"
 
 
 UNITS: dict[Kind, str] = {
@@ -34,6 +40,12 @@ UNITS: dict[Kind, str] = {
     Kind.LIGHT: "lx",
     Kind.MOTION: "1",
     Kind.OCCUPANCY: "1",
+    Kind.SYSTOLIC_PRESSURE: "mmHg",
+    Kind.DIASTOLIC_PRESSURE: "mmHg",
+    Kind.MEAN_ARTERIAL_PRESSURE: "mmHg",
+    Kind.GLUCOSE: "mmol/L",
+    Kind.BATTERY: "%",
+    Kind.ENERGY_EXPENDED: "kJ",
 }
 
 
