@@ -82,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument("--json", action="store_true", help="one JSON object per line")
     alerts.set_defaults(func=_cmd_alerts)
 
+    pair = sub.add_parser("pair", help="add a wearable to the roster")
+    pair.add_argument("address", help="BLE address, e.g. C8:4F:2A:10:77:01")
+    pair.add_argument("--patient", required=True, help="pseudonymous patient ref")
+    pair.add_argument("--config", required=True, type=Path)
+    pair.add_argument(
+        "--profiles",
+        default="heart_rate,battery",
+        help="comma-separated: heart_rate battery pulse_oximeter thermometer "
+        "blood_pressure glucose (default: heart_rate,battery)",
+    )
+    pair.add_argument("--model", default=None, help="vendor decoder model, if any")
+    pair.set_defaults(func=_cmd_pair)
+
     decode = sub.add_parser("decode", help="decode a GATT characteristic value")
     decode.add_argument("characteristic", choices=["2a37"], help="characteristic UUID")
     decode.add_argument("hex", nargs="+", help="payload bytes in hex (spaces allowed)")
@@ -107,6 +120,24 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     print(
         f"{args.file}: ok ({len(cfg.patients)} patients, {len(cfg.devices)} devices, "
         f"{len(cfg.mqtt.topics)} room-sensor topics, {len(cfg.replay)} recordings)"
+    )
+    return ExitCode.OK
+
+
+def _cmd_pair(args: argparse.Namespace) -> int:
+    from gateway.roster import add_device
+
+    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    config = add_device(
+        args.config,
+        address=args.address,
+        patient=args.patient,
+        profiles=profiles,
+        model=args.model,
+    )
+    print(
+        f"{args.address} added to the roster in {args.config} "
+        f"({len(config.devices)} devices); restart the agent to connect to it"
     )
     return ExitCode.OK
 

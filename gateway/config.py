@@ -176,11 +176,37 @@ class PatientSection(_Section):
     rules: RulesSection = RulesSection()
 
 
-class DeviceSection(_Section):
-    """`[[devices]]`: a wearable and the patient wearing it."""
+BLE_ADDRESS = r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$|^[0-9A-Fa-f-]{36}$"
+Profile = Literal[
+    "heart_rate",
+    "battery",
+    "pulse_oximeter",
+    "thermometer",
+    "blood_pressure",
+    "glucose",
+]
 
-    id: str = Field(min_length=1)
+
+class DeviceSection(_Section):
+    """`[[devices]]`: a wearable, found by address or by name, and who wears it."""
+
+    address: str | None = Field(None, pattern=BLE_ADDRESS)
+    name_pattern: str | None = Field(None, min_length=1)
     patient: str
+    profiles: list[Profile] = ["heart_rate", "battery"]
+    model: str | None = None
+    connect_timeout_s: float = Field(15.0, ge=10)
+
+    @model_validator(mode="after")
+    def _findable(self) -> DeviceSection:
+        if (self.address is None) == (self.name_pattern is None):
+            raise ValueError("exactly one of address and name_pattern")
+        return self
+
+    @property
+    def id(self) -> str:
+        """How the roster names this device: its address, else its name pattern."""
+        return self.address or self.name_pattern or ""
 
 
 class ReplaySection(_Section):
@@ -272,10 +298,19 @@ def _describe(error: Any) -> str:
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (a typo?); remove it or check the README"
     if error["type"] == "string_pattern_mismatch":
-        expected = "letters, digits, '.', '_' or '-' (1 to 64 characters)"
+        expected = _PATTERN_TEXT.get(str(error["loc"][-1]), expected)
     if error["type"] == "missing":
         return f"{key}: missing; this key is required"
     return f"{key}: got {_short(error.get('input'))}; expected: {expected}"
+
+
+_NAME_TEXT = "letters, digits, '.', '_' or '-' (1 to 64 characters)"
+_PATTERN_TEXT = {
+    "id": _NAME_TEXT,
+    "ref": _NAME_TEXT,
+    "address": "a BLE address such as C8:4F:2A:10:77:01",
+    "topic_prefix": "a topic without the wildcards + and #",
+}
 
 
 def _short(value: Any) -> str:

@@ -56,8 +56,25 @@ def test_every_problem_is_reported_with_key_value_and_expectation(
     assert problems[3].startswith("alerts.targets: got ['phone']; expected: \"mqtt\"")
 
 
+def test_device_needs_an_address_or_a_name_pattern(tmp_path: Path) -> None:
+    base = '[[patients]]\nref = "p-x"\n[[devices]]\npatient = "p-x"\n'
+    with pytest.raises(ConfigError, match="exactly one of address and name_pattern"):
+        load_config(write(tmp_path, base))
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, base + 'address = "AA:BB"\n'))
+    assert info.value.problems == [
+        "devices.0.address: got 'AA:BB'; expected: a BLE address such as "
+        "C8:4F:2A:10:77:01"
+    ]
+    cfg = load_config(write(tmp_path, base + 'name_pattern = "Polar H10 *"\n'))
+    assert cfg.devices[0].id == "Polar H10 *"
+    assert cfg.devices[0].profiles == ["heart_rate", "battery"]
+
+
 def test_reference_to_an_unknown_patient(tmp_path: Path) -> None:
-    path = write(tmp_path, '[[devices]]\nid = "AA:BB"\npatient = "p-x"\n')
+    path = write(
+        tmp_path, '[[devices]]\naddress = "AA:BB:CC:DD:EE:FF"\npatient = "p-x"\n'
+    )
     with pytest.raises(ConfigError, match="patient 'p-x' listed in"):
         load_config(path)
 

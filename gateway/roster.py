@@ -1,0 +1,80 @@
+"""Changing the roster in the configuration file: `iomt-gateway pair`.
+
+The file is the operator's: a new `[[devices]]` entry is appended as text, so their
+comments and layout stay as they wrote them, and the result is validated before it
+replaces the file (atomically, by rename).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError
+
+
+def add_device(
+    path: Path,
+    *,
+    address: str,
+    patient: str,
+    profiles: Sequence[str] = ("heart_rate", "battery"),
+    model: str | None = None,
+) -> Config:
+    """Add a wearable to the roster in the file at `path`.
+
+    Returns:
+        The configuration as it now stands.
+
+    Raises:
+        ConfigError: The patient is not in the roster, the device is already in it,
+            or the entry is invalid (each problem named).
+    """
+    current = load_config(path)
+    problems = []
+    if patient not in {p.ref for p in current.patients}:
+        problems.append(f"patient: {patient!r} is not in [[patients]]; add it first")
+    if address.upper() in {(d.address or "").upper() for d in current.devices}:
+        problems.append(f"address: {address} is already in [[devices]]")
+    if problems:
+        raise ConfigError(str(path), problems)
+
+    entry = _entry(address, patient, profiles, model)
+    text = path.read_text(encoding="utf-8")
+    new_text = text + ("" if text.endswith("\n") else "\n") + entry
+    return _replace_validated(path, new_text)
+
+
+def _entry(
+    address: str, patient: str, profiles: Sequence[str], model: str | None
+) -> str:
+    listed = ", ".join(f'"{p}"' for p in profiles)
+    lines = [
+        "",
+        "[[devices]]",
+        f'address = "{address}"',
+        f'patient = "{patient}"',
+        f"profiles = [{listed}]",
+    ]
+    if model:
+        lines.append(f'model = "{model}"')
+    return "\n".join(lines) + "\n"
+
+
+def _replace_validated(path: Path, text: str) -> Config:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        config = load_config(tmp)
+        os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return config
