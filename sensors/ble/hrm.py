@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.readings import Kind, Quality, Reading
 from sensors.errors import DecodeError
 
 UUID = "2a37"
@@ -126,6 +127,29 @@ def decode_heart_rate_measurement(data: bytes) -> HeartRateMeasurement:
     )
 
 
+def hrm_readings(
+    m: HeartRateMeasurement, *, device_id: str, patient_ref: str | None, at: float
+) -> list[Reading]:
+    """Turn one decoded 0x2A37 notification into readings: one HR, one per RR.
+
+    The heart rate is stamped `at`. Each RR interval belongs to its own beat and is
+    stamped when that beat ended: the last one at `at`, the one before it at `at`
+    minus the last interval, and so on back. HR 0 is flagged NO_READING; a strap
+    reporting lost skin contact flags every reading CONTACT_LOST.
+    """
+    contact = Quality.CONTACT_LOST if m.contact_lost else Quality.OK
+    hr_quality = contact | (Quality.NO_READING if m.heart_rate == 0 else Quality.OK)
+    heart_rate = Reading(
+        device_id=device_id,
+        kind=Kind.HEART_RATE,
+        value=float(m.heart_rate),
+        measured_at=at,
+        patient_ref=patient_ref,
+        quality=hr_quality,
+    )
+    return [heart_rate, *_rr_readings(m.rr_raw, device_id, patient_ref, at, contact)]
+
+
 def encode_heart_rate_measurement(
     heart_rate: int,
     rr_raw: tuple[int, ...] = (),
@@ -156,6 +180,32 @@ def encode_heart_rate_measurement(
     for raw in rr_raw:
         out += raw.to_bytes(2, "little")
     return bytes(out)
+
+
+def _rr_readings(
+    rr_raw: tuple[int, ...],
+    device_id: str,
+    patient_ref: str | None,
+    at: float,
+    quality: Quality,
+) -> list[Reading]:
+    ends: list[float] = []
+    end = at
+    for raw in reversed(rr_raw):
+        ends.append(end)
+        end -= raw / RR_UNITS_PER_SECOND
+    ends.reverse()
+    return [
+        Reading(
+            device_id=device_id,
+            kind=Kind.RR_INTERVAL,
+            value=raw * 1000 / RR_UNITS_PER_SECOND,
+            measured_at=beat_end,
+            patient_ref=patient_ref,
+            quality=quality,
+        )
+        for raw, beat_end in zip(rr_raw, ends, strict=True)
+    ]
 
 
 def _contact_label(m: HeartRateMeasurement) -> str:

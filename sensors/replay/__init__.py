@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from gateway.clock import ManualClock
-from gateway.readings import Kind, Quality, Reading
-from sensors.ble.hrm import RR_UNITS_PER_SECOND, decode_heart_rate_measurement
+from gateway.readings import Reading
+from sensors.ble.hrm import decode_heart_rate_measurement, hrm_readings
 
 log = logging.getLogger(__name__)
 
@@ -65,57 +65,13 @@ def data_path(name: str) -> Path:
 def readings_from_hrm(
     data: bytes, *, device_id: str, patient_ref: str | None, at: float
 ) -> list[Reading]:
-    """Turn one 0x2A37 notification into readings: one heart rate, one per RR.
-
-    The heart rate is stamped `at`. Each RR interval belongs to its own beat and is
-    stamped when that beat ended: the last one at `at`, the one before it at
-    `at` minus the last interval, and so on back. HR 0 is flagged NO_READING; a
-    strap reporting lost skin contact flags every reading CONTACT_LOST.
+    """Decode one 0x2A37 notification into readings (`sensors.ble.hrm.hrm_readings`).
 
     Raises:
         DecodeError: The payload is malformed.
     """
     m = decode_heart_rate_measurement(data)
-    contact = Quality.CONTACT_LOST if m.contact_lost else Quality.OK
-    hr_quality = contact | (Quality.NO_READING if m.heart_rate == 0 else Quality.OK)
-    readings = [
-        Reading(
-            device_id=device_id,
-            kind=Kind.HEART_RATE,
-            value=float(m.heart_rate),
-            measured_at=at,
-            patient_ref=patient_ref,
-            quality=hr_quality,
-        )
-    ]
-    readings += _rr_readings(m.rr_raw, device_id, patient_ref, at, contact)
-    return readings
-
-
-def _rr_readings(
-    rr_raw: tuple[int, ...],
-    device_id: str,
-    patient_ref: str | None,
-    at: float,
-    quality: Quality,
-) -> list[Reading]:
-    ends: list[float] = []
-    end = at
-    for raw in reversed(rr_raw):
-        ends.append(end)
-        end -= raw / RR_UNITS_PER_SECOND
-    ends.reverse()
-    return [
-        Reading(
-            device_id=device_id,
-            kind=Kind.RR_INTERVAL,
-            value=raw * 1000 / RR_UNITS_PER_SECOND,
-            measured_at=beat_end,
-            patient_ref=patient_ref,
-            quality=quality,
-        )
-        for raw, beat_end in zip(rr_raw, ends, strict=True)
-    ]
+    return hrm_readings(m, device_id=device_id, patient_ref=patient_ref, at=at)
 
 
 def merge(*sources: Iterable[ReplayEvent]) -> Iterator[ReplayEvent]:
