@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -40,6 +41,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener's files (PEM), and whether clients must show a certificate.
+
+    Attributes:
+        ca_file: The CA that signed the server's certificate and clients' ones.
+        cert_file: The server certificate.
+        key_file: The server's private key.
+        require_client_cert: Mutual TLS: refuse clients without a certificate
+            signed by `ca_file`.
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_client_cert: bool = False
+
+
 class LocalBroker:
     """A mosquitto process on 127.0.0.1 that keeps its port across restarts.
 
@@ -48,6 +67,11 @@ class LocalBroker:
         persistence: Keep sessions and queued QoS-1 messages on disk across
             restarts, as a production broker does.
         workdir: Where config, persistence and log go; a temporary folder if None.
+        tls: Serve TLS on the port instead of plain MQTT.
+        password_file: A mosquitto password file (`mosquitto_passwd`); anonymous
+            clients are then refused.
+        max_inflight: Unacknowledged QoS-1 messages mosquitto sends one client;
+            with ack-after-commit this bounds a subscriber's throughput.
     """
 
     host = "127.0.0.1"
@@ -58,8 +82,14 @@ class LocalBroker:
         *,
         persistence: bool = True,
         workdir: Path | None = None,
+        tls: BrokerTls | None = None,
+        password_file: Path | None = None,
+        max_inflight: int = 100,
     ) -> None:
         self.port = port or free_port()
+        self.tls = tls
+        self.password_file = password_file
+        self.max_inflight = max_inflight
         self._persistence = persistence
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
@@ -119,11 +149,21 @@ class LocalBroker:
         self.close()
 
     def _config(self) -> str:
-        lines = [
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+        lines = [f"listener {self.port} {self.host}"]
+        if self.tls is not None:
+            lines += [
+                f"cafile {self.tls.ca_file}",
+                f"certfile {self.tls.cert_file}",
+                f"keyfile {self.tls.key_file}",
+                f"require_certificate {str(self.tls.require_client_cert).lower()}",
+            ]
+        if self.password_file is not None:
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+        else:
+            lines += ["allow_anonymous true"]
+        lines += [
             "max_queued_messages 100000",
-            "max_inflight_messages 100",
+            f"max_inflight_messages {self.max_inflight}",
             f"log_dest file {self.workdir / 'mosquitto.log'}",
         ]
         if self._persistence:

@@ -2,6 +2,8 @@
 
 paho runs its network loop in its own thread; everything it reports is handed to
 the agent's event loop with `call_soon_threadsafe`, so handlers run on the loop.
+Incoming messages are handed over in bursts: one wake-up of the loop carries every
+message that arrived meanwhile, not one wake-up per message.
 Publishing at QoS 1 returns an awaitable that completes on the broker's PUBACK.
 With `manual_ack`, an incoming QoS-1 message is acknowledged to the broker only when
 `ack()` is called: after the reading it carries is committed to the store.
@@ -11,15 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.errors import BrokerError
+from gateway.errors import BrokerError, ConfigUnreadableError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ class MqttMessage:
     mid: int
     retain: bool
     duplicate: bool
+    connection: int = 0
+    """Which connection of the link it arrived on; acks on a later one are moot."""
 
 
 @dataclass(slots=True)
@@ -49,6 +55,11 @@ class MqttSettings:
     clean_start: bool = False
     username: str | None = None
     password: str | None = None
+    credentials_file: str | None = None
+    """A file holding ``username:password`` on its first line (see
+    `read_credentials`); takes precedence over `username` and `password`."""
+    receive_maximum: int | None = None
+    """MQTT 5 Receive Maximum: unacknowledged messages the broker may send us."""
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -79,6 +90,10 @@ class MqttLink:
         self._early: set[int] = set()
         self._lock = threading.Lock()
         self._sub_mids: dict[int, list[str]] = {}
+        self._inbox: list[MqttMessage] = []
+        self._inbox_lock = threading.Lock()
+        self._routes: dict[str, Handler | None] = {}
+        self._connection = 0
         self._ever_connected = False
         self._closing = False
         self._client = self._make_client(manual_ack)
@@ -97,6 +112,8 @@ class MqttLink:
         if s.protocol == 5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = s.session_expiry_s
+            if s.receive_maximum:
+                props.ReceiveMaximum = s.receive_maximum
         try:
             self._client.connect_async(
                 s.host,
@@ -133,6 +150,7 @@ class MqttLink:
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Subscribe now (if connected) and again after every reconnect."""
         self._subs[topic_filter] = (qos, handler)
+        self._routes = {}
         if self.connected.is_set():
             self._send_subscribe([topic_filter])
 
@@ -159,8 +177,13 @@ class MqttLink:
         await fut
 
     def ack(self, message: MqttMessage) -> None:
-        """Acknowledge a QoS-1 message to the broker (manual-ack mode)."""
-        if message.qos > 0:
+        """Acknowledge a QoS-1 message to the broker (manual-ack mode).
+
+        Safe from any thread. A message from an earlier connection is not acked:
+        the broker resends it with the same packet id, and that copy gets its own
+        ack; acking the old one could acknowledge another message reusing the id.
+        """
+        if message.qos > 0 and message.connection == self._connection:
             self._client.ack(message.mid, message.qos)
 
     # -- paho callbacks (network thread) ---------------------------------------
@@ -177,9 +200,13 @@ class MqttLink:
         )
         client.max_queued_messages_set(0)
         client.max_inflight_messages_set(100)
+        # paho doubles the delay after each failed attempt, up to the maximum.
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        if s.username:
-            client.username_pw_set(s.username, s.password)
+        username, password = s.username, s.password
+        if s.credentials_file:
+            username, password = read_credentials(Path(s.credentials_file))
+        if username:
+            client.username_pw_set(username, password)
         if s.tls_ca_file:
             client.tls_set(
                 ca_certs=s.tls_ca_file, certfile=s.tls_cert_file, keyfile=s.tls_key_file
@@ -205,6 +232,7 @@ class MqttLink:
         if self._ever_connected:
             self.reconnects += 1
         self._ever_connected = True
+        self._connection += 1
         log.info(
             "MQTT connected to %s:%d as %s (session present: %s)",
             self.settings.host,
@@ -225,17 +253,51 @@ class MqttLink:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         message = MqttMessage(
-            topic=msg.topic,
-            payload=msg.payload,
-            qos=msg.qos,
-            mid=msg.mid,
-            retain=bool(msg.retain),
-            duplicate=bool(msg.dup),
+            msg.topic,
+            msg.payload,
+            msg.qos,
+            msg.mid,
+            bool(msg.retain),
+            bool(msg.dup),
+            self._connection,
         )
-        for topic_filter, (_qos, handler) in self._subs.items():
-            if mqtt.topic_matches_sub(topic_filter, msg.topic):
-                self._call(handler, message)
-                return
+        with self._inbox_lock:
+            self._inbox.append(message)
+            if len(self._inbox) > 1:
+                return  # a wake-up is already on its way and will take this one
+        self._call(self._deliver)
+
+    def _deliver(self) -> None:
+        """Hand every message waiting in the inbox to its handler (on the loop)."""
+        with self._inbox_lock:
+            burst, self._inbox = self._inbox, []
+        for message in burst:
+            handler = self._route(message.topic)
+            if handler is None:
+                continue
+            try:
+                handler(message)
+            except Exception:
+                # Type and place only: the message text may carry the payload.
+                log.exception("MQTT message handler failed; message left unacked")
+
+    def _route(self, topic: str) -> Handler | None:
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
+        if len(self._routes) > 4096:
+            self._routes = {}
+        handler = next(
+            (
+                h
+                for f, (_qos, h) in self._subs.items()
+                if mqtt.topic_matches_sub(f, topic)
+            ),
+            None,
+        )
+        self._routes[topic] = handler
+        return handler
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
@@ -276,3 +338,30 @@ class MqttLink:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def read_credentials(path: Path) -> tuple[str, str]:
+    """Username and password from a file holding ``username:password``.
+
+    The first line is split at its first colon, so a password may contain colons
+    (a username may not). Keep the file readable by the service user only.
+
+    Raises:
+        ConfigUnreadableError: The file cannot be read or has no colon.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigUnreadableError(
+            f"{path}: cannot read MQTT credentials ({exc.strerror})"
+        ) from exc
+    first = text.splitlines()[0] if text.strip() else ""
+    username, colon, password = first.partition(":")
+    if not colon or not username:
+        raise ConfigUnreadableError(
+            f"{path}: expected one line 'username:password' for the MQTT broker"
+        )
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("MQTT credentials file %s is readable by others; chmod 600", path)
+    return username, password

@@ -42,7 +42,7 @@ from gateway.readings import Kind, Quality, Reading
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Stored in `PRAGMA user_version`; `_MIGRATIONS[n]` takes version n to n + 1."""
 
 _SCHEMA_V1 = (
@@ -70,12 +70,33 @@ _SCHEMA_V1 = (
     )""",
     "CREATE INDEX quarantine_received ON quarantine (received_at)",
 )
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
+# v2: identities of messages whose readings the gateway stamped (see `Delivery`).
+_SCHEMA_V2 = (
+    """CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        key BLOB NOT NULL UNIQUE,
+        received_at REAL NOT NULL
+    )""",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2)
+
+DELIVERIES_KEPT = 100_000
+"""Message identities kept for recognising redeliveries. Only a message committed
+but not yet acknowledged can come back, and a broker holds at most 65535 of those
+per session (the packet-id space), so older identities are pruned."""
+_PRUNE_EVERY_BATCHES = 256
 
 # The UNIQUE key makes a redelivered QoS 1 message a no-op: the first copy wins.
 _INSERT_READING = (
     "INSERT OR IGNORE INTO readings (device_id, kind, value, measured_at,"
     " received_at, patient_ref, room, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A first delivery records (or refreshes) its identity; a redelivery is kept only
+# if its identity was not recorded, i.e. its first copy never got committed.
+_RECORD_DELIVERY = "INSERT OR REPLACE INTO deliveries (key, received_at) VALUES (?, ?)"
+_CHECK_DELIVERY = "INSERT OR IGNORE INTO deliveries (key, received_at) VALUES (?, ?)"
+_PRUNE_DELIVERIES = (
+    "DELETE FROM deliveries WHERE id <= (SELECT max(id) FROM deliveries) - ?"
 )
 _INSERT_QUARANTINE = (
     "INSERT INTO quarantine (received_at, source, reason, payload) VALUES (?, ?, ?, ?)"
@@ -143,6 +164,31 @@ class QuarantineEntry:
     payload: bytes = field(repr=False)
 
 
+@dataclass(slots=True)
+class Delivery:
+    """An `on_commit` callback that also names the message its readings came from.
+
+    Readings a sensor sent without a time are stamped at arrival, so a redelivered
+    copy of the message (after a crash between commit and acknowledgement) would
+    not collide on (device, kind, measured_at). Its identity does: it is stored in
+    the same transaction as the readings, and a redelivered copy whose identity is
+    already stored adds nothing (its readings count as duplicates).
+
+    Attributes:
+        on_commit: Called once the readings are durable (or recognised as stored).
+        key: The message's identity, the same for every copy of it.
+        redelivered: The broker flagged this copy as a possible redelivery.
+    """
+
+    on_commit: Callable[[], None]
+    key: bytes
+    redelivered: bool = False
+
+    def __call__(self) -> None:
+        """Run `on_commit`: the store calls this once the readings are durable."""
+        self.on_commit()
+
+
 # Items on the writer's queue.
 
 
@@ -152,6 +198,7 @@ class _Write:
     quarantine: _QuarantineRow | None
     on_commit: Callable[[], None] | None
     queued_at: float
+    delivery: Delivery | None = None
 
     @property
     def size(self) -> int:
@@ -288,7 +335,8 @@ class ReadingStore:
         """
         received_at = self._clock.now()
         rows = [_reading_row(reading, received_at) for reading in readings]
-        self._enqueue(_Write(rows, None, on_commit, time.monotonic()))
+        delivery = on_commit if isinstance(on_commit, Delivery) else None
+        self._enqueue(_Write(rows, None, on_commit, time.monotonic(), delivery))
 
     def quarantine(
         self,
@@ -589,15 +637,43 @@ class _Writer:
         raise AssertionError("unreachable")
 
     def _commit(self, batch: list[_Write]) -> None:
-        rows = [row for write in batch for row in write.readings]
         quarantined = [w.quarantine for w in batch if w.quarantine is not None]
         with _transaction(self._conn):
+            rows, known = self._deliveries(batch)
             inserted = self._conn.executemany(_INSERT_READING, rows).rowcount
             self._conn.executemany(_INSERT_QUARANTINE, quarantined)
+            if self._stats.batches % _PRUNE_EVERY_BATCHES == 0:
+                self._conn.execute(_PRUNE_DELIVERIES, (DELIVERIES_KEPT,))
         self._stats.committed += inserted
-        self._stats.duplicates += len(rows) - inserted
+        self._stats.duplicates += len(rows) - inserted + known
         self._stats.quarantined += len(quarantined)
         self._stats.batches += 1
+
+    def _deliveries(self, batch: list[_Write]) -> tuple[list[_ReadingRow], int]:
+        """Record message identities; the rows to insert, and how many were known.
+
+        First copies are recorded before any redelivered copy is checked, so a copy
+        redelivered while its first is still in this batch is recognised too.
+        """
+        first = [w for w in batch if w.delivery and not w.delivery.redelivered]
+        self._conn.executemany(
+            _RECORD_DELIVERY,
+            [(w.delivery.key, w.readings[0][4]) for w in first if w.readings],  # type: ignore[union-attr]
+        )
+        rows: list[_ReadingRow] = []
+        known = 0
+        for write in batch:
+            again = write.delivery is not None and write.delivery.redelivered
+            if again and write.readings and not self._new_delivery(write):
+                known += len(write.readings)
+                continue
+            rows.extend(write.readings)
+        return rows, known
+
+    def _new_delivery(self, write: _Write) -> bool:
+        key = write.delivery.key  # type: ignore[union-attr]
+        cursor = self._conn.execute(_CHECK_DELIVERY, (key, write.readings[0][4]))
+        return cursor.rowcount == 1
 
     def _note_failure(self, exc: sqlite3.Error, attempt: int) -> None:
         if not self._failing:

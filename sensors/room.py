@@ -11,16 +11,30 @@ its outcome durable.
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
 import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+from zoneinfo import ZoneInfo
 
-from gateway.readings import Kind, Reading
+from gateway.readings import UNITS, Kind, Reading
+from gateway.store import Delivery
 from sensors.errors import DecodeError
+from sensors.formats import (
+    SENML_UNITS,
+    TASMOTA_FIELDS,
+    ZIGBEE2MQTT_FIELDS,
+    Sample,
+    convert,
+    object_samples,
+    parse_json,
+    parse_time,
+    senml_samples,
+    tasmota_samples,
+)
 
 if TYPE_CHECKING:
     from gateway.clock import Clock
@@ -44,30 +58,42 @@ is about 100000 lx.
 """
 
 Ack = Callable[[], None]
+Format = Literal["number", "json", "senml", "zigbee2mqtt", "tasmota"]
+
+_DEFAULT_FIELDS: dict[str, dict[str, Kind]] = {
+    "zigbee2mqtt": ZIGBEE2MQTT_FIELDS,
+    "tasmota": TASMOTA_FIELDS,
+}
 
 
 @dataclass(frozen=True)
 class TopicMap:
-    """How messages on one topic filter become readings (one `[[rooms.map]]` entry).
+    """How messages on one topic filter become readings (one `[[mqtt.topics]]` entry).
 
     Attributes:
         filter: MQTT topic filter, with `+` and `#` wildcards.
-        kind: The reading kind the messages carry.
-        format: "json" (an object) or "number" (the payload is the number itself).
-        value_path: Dotted path to the value in a JSON payload.
-        time_path: Dotted path to epoch seconds in the payload; when None or absent
-            in a message, the gateway's clock stamps the reading.
+        kind: The reading kind of single-value formats ("number", "json"), and of
+            every SenML record when `fields` is empty.
+        format: One of `sensors.formats.FORMATS`.
+        value_path: Dotted path to the value in a "json" payload.
+        time_path: Dotted path to the time ("json", "zigbee2mqtt"): epoch seconds
+            or ISO 8601; when None or absent in a message, the gateway's clock
+            stamps the reading.
         room_level: Which topic level (0-based) names the room.
         room: A fixed room for every message, instead of `room_level`.
         device: The device id, where ``{room}`` stands for the room (one node
             publishing several quantities); by default the topic itself.
         min_value: Lowest physically possible value; the kind's default if None.
         max_value: Highest physically possible value; the kind's default if None.
+        unit: The unit single values are sent in (such as "Far"), converted to the
+            kind's canonical unit; None when they already are in it.
+        fields: Payload field (or SenML name) -> kind, for formats carrying several
+            quantities; each format has defaults (SenML: by unit).
     """
 
     filter: str
-    kind: Kind
-    format: Literal["number", "json"] = "json"
+    kind: Kind | None = None
+    format: Format = "json"
     value_path: str = "value"
     time_path: str | None = "ts"
     room_level: int | None = 1
@@ -75,14 +101,30 @@ class TopicMap:
     device: str | None = None
     min_value: float | None = None
     max_value: float | None = None
+    unit: str | None = None
+    fields: dict[str, Kind] | None = None
 
-    def physical_range(self) -> tuple[float, float]:
+    def __post_init__(self) -> None:
+        if self.format in ("number", "json") and self.kind is None:
+            raise ValueError(f"a {self.format!r} topic map needs a kind")
+
+    def physical_range(self, kind: Kind | None = None) -> tuple[float, float]:
         """The range outside which a value is quarantined (-inf/inf if unbounded)."""
-        low, high = PHYSICAL_RANGES.get(self.kind, (-math.inf, math.inf))
+        kind = kind or self.kind
+        low, high = PHYSICAL_RANGES.get(kind, (-math.inf, math.inf))  # type: ignore[arg-type]
         return (
             low if self.min_value is None else self.min_value,
             high if self.max_value is None else self.max_value,
         )
+
+    def kind_of(self, sample: Sample) -> Kind | None:
+        """The kind a sample is read as, None when this map does not take it."""
+        fields = self.fields or _DEFAULT_FIELDS.get(self.format)
+        if fields is not None:
+            return fields.get(sample.name)
+        if self.format == "senml" and self.kind is None:
+            return SENML_UNITS.get(sample.unit or "")
+        return self.kind
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -101,21 +143,57 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(levels) == len(topic_filter.split("/"))
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """The readings one message carries.
+
+    Attributes:
+        readings: One or more readings, in payload order.
+        gateway_time: Some reading was stamped at arrival (the sensor sent no
+            time): a redelivery of this message would get a new `measured_at`,
+            so only the message's identity can recognise it.
+    """
+
+    readings: tuple[Reading, ...]
+    gateway_time: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What a topic resolves to; cached, since sensors repeat their topics."""
+
+    tmap: TopicMap
+    room: str | None
+    device: str
+
+
+_ROUTE_CACHE_SIZE = 4096
+
+
 class RoomSensorDecoder:
-    """Turns one MQTT message into a `Reading`, or says why it cannot.
+    """Turns one MQTT message into readings, or says why it cannot.
 
     Args:
         maps: Topic maps; the first whose filter matches a topic applies.
         clock: Stamps readings whose payload carries no time.
         max_payload_bytes: Larger payloads are rejected unparsed.
+        timezone: IANA zone of sensors sending local times without an offset
+            (Tasmota's Time); `gateway.timezone` in the configuration.
     """
 
     def __init__(
-        self, maps: Sequence[TopicMap], *, clock: Clock, max_payload_bytes: int = 4096
+        self,
+        maps: Sequence[TopicMap],
+        *,
+        clock: Clock,
+        max_payload_bytes: int = 4096,
+        timezone: str = "UTC",
     ) -> None:
         self.maps = tuple(maps)
         self._clock = clock
         self._max_payload = max_payload_bytes
+        self._tz = ZoneInfo(timezone)
+        self._routes: dict[str, _Route | None] = {}
 
     @property
     def filters(self) -> list[str]:
@@ -123,66 +201,101 @@ class RoomSensorDecoder:
         return list(dict.fromkeys(m.filter for m in self.maps))
 
     def decode(self, topic: str, payload: bytes) -> Reading:
-        """Decode one message.
+        """Decode a message carrying one quantity: its (first) reading.
 
         Raises:
-            DecodeError: The topic is unmapped or the payload is unusable; the
-                reason never contains the payload or its value.
+            DecodeError: See `decode_all`.
         """
-        tmap = self._map_for(topic)
+        return self.decode_all(topic, payload).readings[0]
+
+    def decode_all(self, topic: str, payload: bytes) -> Decoded:
+        """Decode one message into every reading it carries.
+
+        Raises:
+            DecodeError: The topic is unmapped, the payload is unusable, or it
+                carries no mapped quantity; the reason never contains the payload
+                or a value from it.
+        """
+        route = self._route(topic)
         if len(payload) > self._max_payload:
             raise DecodeError(topic, "payload too large")
-        value, measured_at = self._value_and_time(tmap, topic, payload)
-        room = _room(tmap, topic)
-        device = tmap.device.format(room=room or "") if tmap.device else topic
-        return Reading(
-            device_id=device,
-            kind=tmap.kind,
-            value=value,
-            measured_at=measured_at,
-            room=room,
+        now = self._clock.now()
+        samples, gateway_time = self._samples(route.tmap, topic, payload, now)
+        readings = tuple(
+            reading
+            for sample in samples
+            if (reading := self._reading(route, topic, sample, now)) is not None
         )
+        if not readings:
+            raise DecodeError(topic, "no mapped quantity")
+        return Decoded(readings, gateway_time)
 
-    def _map_for(self, topic: str) -> TopicMap:
+    def _route(self, topic: str) -> _Route:
+        route = self._routes.get(topic, _MISSING)
+        if route is _MISSING:
+            if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                self._routes.clear()  # many one-off topics: start over, stay small
+            route = self._routes[topic] = self._resolve(topic)
+        if route is None:
+            raise DecodeError(topic, "unmapped topic")
+        return route  # type: ignore[return-value]
+
+    def _resolve(self, topic: str) -> _Route | None:
         for tmap in self.maps:
             if topic_matches(tmap.filter, topic):
-                return tmap
-        raise DecodeError(topic, "unmapped topic")
+                room = _room(tmap, topic)
+                device = tmap.device.format(room=room or "") if tmap.device else topic
+                return _Route(tmap, room, device)
+        return None
 
-    def _value_and_time(
-        self, tmap: TopicMap, topic: str, payload: bytes
-    ) -> tuple[float, float]:
+    def _samples(
+        self, tmap: TopicMap, topic: str, payload: bytes, now: float
+    ) -> tuple[list[Sample], bool]:
         if tmap.format == "number":
-            value = _number(topic, _parse_number(topic, payload), tmap.kind)
-            return _in_range(topic, value, tmap), self._clock.now()
-
-        document = _parse_json(topic, payload)
+            return [Sample("", _parse_number(topic, payload), tmap.unit)], True
+        document = parse_json(topic, payload)
+        if tmap.format == "senml":
+            return senml_samples(topic, document, now)
+        if tmap.format == "tasmota":
+            samples, timed = tasmota_samples(
+                topic, document, tmap.fields or TASMOTA_FIELDS, self._tz
+            )
+            return samples, not timed
+        at = self._time(tmap, topic, document)
+        if tmap.format == "zigbee2mqtt":
+            fields = tmap.fields or ZIGBEE2MQTT_FIELDS
+            found = [replace(s, at=at) for s in object_samples(document, fields)]
+            return found, at is None
         raw = _lookup(document, tmap.value_path)
         if raw is _MISSING:
             raise DecodeError(topic, f"no value at {tmap.value_path}")
-        value = _in_range(topic, _number(topic, raw, tmap.kind), tmap)
-        return value, self._measured_at(tmap, topic, document)
+        return [Sample("", raw, tmap.unit, at)], at is None
 
-    def _measured_at(self, tmap: TopicMap, topic: str, document: object) -> float:
+    def _time(self, tmap: TopicMap, topic: str, document: object) -> float | None:
         raw = _MISSING if tmap.time_path is None else _lookup(document, tmap.time_path)
-        if raw is _MISSING:
-            return self._clock.now()
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise DecodeError(topic, "time is not a number")
-        if not math.isfinite(raw) or raw < 0:
+        return None if raw is _MISSING else parse_time(topic, raw, self._tz)
+
+    def _reading(
+        self, route: _Route, topic: str, sample: Sample, now: float
+    ) -> Reading | None:
+        kind = route.tmap.kind_of(sample)
+        if kind is None:
+            return None
+        value = _converted(topic, _number(topic, sample.value, kind), sample, kind)
+        measured_at = now if sample.at is None else sample.at
+        if not math.isfinite(measured_at) or measured_at < 0:
             raise DecodeError(topic, "time is not epoch seconds")
-        return float(raw)
+        device = f"{route.device}/{sample.source}" if sample.source else route.device
+        return Reading(
+            device_id=device,
+            kind=kind,
+            value=_in_range(topic, value, route.tmap, kind),
+            measured_at=measured_at,
+            room=route.room,
+        )
 
 
-_MISSING = object()
-
-
-def _parse_json(topic: str, payload: bytes) -> object:
-    try:
-        return json.loads(payload)
-    # Deeply nested arrays exhaust the parser's recursion limit within 4 KB.
-    except (ValueError, RecursionError) as exc:
-        raise DecodeError(topic, "not JSON") from exc
+_MISSING: Any = object()
 
 
 def _parse_number(topic: str, payload: bytes) -> float:
@@ -207,14 +320,24 @@ def _number(topic: str, raw: object, kind: Kind) -> float:
         return float(raw)
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise DecodeError(topic, "value is not a number")
-    value = float(raw)
+    try:
+        value = float(raw)
+    except OverflowError as exc:  # a JSON integer beyond any float
+        raise DecodeError(topic, "value is NaN or infinite") from exc
     if not math.isfinite(value):
         raise DecodeError(topic, "value is NaN or infinite")
     return value
 
 
-def _in_range(topic: str, value: float, tmap: TopicMap) -> float:
-    low, high = tmap.physical_range()
+def _converted(topic: str, value: float, sample: Sample, kind: Kind) -> float:
+    try:
+        return convert(value, sample.unit, UNITS[kind])
+    except ValueError as exc:
+        raise DecodeError(topic, str(exc)) from exc
+
+
+def _in_range(topic: str, value: float, tmap: TopicMap, kind: Kind) -> float:
+    low, high = tmap.physical_range(kind)
     if not low <= value <= high:
         raise DecodeError(topic, f"value outside physical range [{low:g}, {high:g}]")
     return value
@@ -292,11 +415,10 @@ class RoomSensorAdapter:
     def handle(self, message: MqttMessage) -> None:
         """Decode one message and pass it to ingest or quarantine; never raises."""
         self.counters.received += 1
-        ack = functools.partial(self._link.ack, message)
         try:
-            reading = self._decoder.decode(message.topic, message.payload)
+            decoded = self._decoder.decode_all(message.topic, message.payload)
         except DecodeError as err:
-            self._to_quarantine(message, err.reason, ack)
+            self._to_quarantine(message, err.reason)
             return
         except Exception as exc:  # a decoder bug must not take the link down
             log.warning(
@@ -304,13 +426,23 @@ class RoomSensorAdapter:
                 type(exc).__name__,
                 len(message.payload),
             )
-            self._to_quarantine(message, "decoder error", ack)
+            self._to_quarantine(message, "decoder error")
             return
-        self._to_ingest(reading, ack)
+        self._to_ingest(message, decoded)
 
-    def _to_ingest(self, reading: Reading, ack: Ack) -> None:
+    def _to_ingest(self, message: MqttMessage, decoded: Decoded) -> None:
+        readings = decoded.readings
+        ack: Ack = functools.partial(self._link.ack, message)
+        if len(readings) > 1:
+            ack = _AfterAll(len(readings), ack)
         try:
-            self._ingest(reading, ack)
+            for index, reading in enumerate(readings):
+                on_commit = ack
+                if decoded.gateway_time:
+                    on_commit = Delivery(
+                        ack, delivery_key(message, index), message.duplicate
+                    )
+                self._ingest(reading, on_commit)
         except Exception as exc:
             self.counters.ingest_failed += 1
             log.warning(
@@ -319,12 +451,45 @@ class RoomSensorAdapter:
             return
         self.counters.decoded += 1
 
-    def _to_quarantine(self, message: MqttMessage, reason: str, ack: Ack) -> None:
+    def _to_quarantine(self, message: MqttMessage, reason: str) -> None:
         self.counters.quarantined[reason] += 1
         log.debug("room-sensor message quarantined: %s", reason)
+        ack = functools.partial(self._link.ack, message)
         try:
             self._quarantine("mqtt:" + message.topic, reason, message.payload, ack)
         except Exception as exc:
             log.warning(
                 "room-sensor quarantine failed (%s); left unacked", type(exc).__name__
             )
+
+
+class _AfterAll:
+    """Acknowledges a message once every reading it carried is committed.
+
+    Called from the store's single writer thread, so the count needs no lock.
+    """
+
+    __slots__ = ("_ack", "_left")
+
+    def __init__(self, count: int, ack: Ack) -> None:
+        self._left = count
+        self._ack = ack
+
+    def __call__(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self._ack()
+
+
+def delivery_key(message: MqttMessage, index: int = 0) -> bytes:
+    """A message's identity across redeliveries: topic, payload, packet id, index.
+
+    A broker resends an unacknowledged QoS-1 message with its original packet id
+    and the DUP flag set (MQTT 5.0, sections 3.3.1.1 and 4.4), so a redelivered
+    copy has the key of the first; `index` tells apart the readings of one message.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(message.topic.encode())
+    digest.update(b"\0%d\0%d\0" % (message.mid, index))
+    digest.update(message.payload)
+    return digest.digest()

@@ -17,6 +17,7 @@ from gateway.paho import MqttLink, MqttMessage, MqttSettings
 from gateway.readings import Kind, Reading
 from sensors.errors import DecodeError
 from sensors.room import (
+    Decoded,
     RoomSensorAdapter,
     RoomSensorDecoder,
     TopicMap,
@@ -134,7 +135,13 @@ def test_motion_accepts_booleans_and_missing_ts_falls_back_to_clock() -> None:
         (
             "rooms/101/temperature",
             b'{"value": 20, "ts": "now"}',
-            "time is not a number",
+            "time is not ISO 8601",
+        ),
+        ("rooms/101/temperature", b'{"value": 20, "ts": [1]}', "time is not a number"),
+        (
+            "rooms/101/co2",
+            b'{"value": 1' + b"0" * 400 + b"}",
+            "value is NaN or infinite",
         ),
         (
             "rooms/101/temperature",
@@ -196,7 +203,7 @@ def test_decoder_returns_a_reading_or_raises_decode_error_only(topic, payload) -
 class _BuggyDecoder(RoomSensorDecoder):
     """A decoder with a bug, to show the adapter survives one."""
 
-    def decode(self, topic: str, payload: bytes) -> Reading:
+    def decode_all(self, topic: str, payload: bytes) -> Decoded:
         raise ZeroDivisionError("bug")
 
 
