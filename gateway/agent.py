@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from gateway.paho import MqttLink, MqttSettings
 from gateway.pipeline import Pipeline
 from gateway.rules import RuleEngine
 from gateway.store import ReadingStore
+from sensors.ble.bleak_central import BleakCentral, Central
+from sensors.ble.link import WearableLink, WearableSpec
 from sensors.errors import DecodeError
 from sensors.replay import (
     ReplayEvent,
@@ -51,6 +54,8 @@ class Agent:
         clock: Time source; a `ManualClock` when replaying faster than real time.
         on_alert: Called with each alert and target after delivery (the demo's
             timeline).
+        central: The BLE central for the roster's wearables; bleak on the
+            platform's Bluetooth stack when None (the BLE demo passes a virtual one).
     """
 
     def __init__(
@@ -59,8 +64,11 @@ class Agent:
         *,
         clock: Clock | None = None,
         on_alert: Callable[[Alert, str], None] | None = None,
+        central: Central | None = None,
     ) -> None:
         self.config = config
+        self._central = central
+        self.wearables: list[WearableLink] = []
         self.clock = clock or SystemClock()
         self._on_alert = on_alert
         self._stack = contextlib.AsyncExitStack()
@@ -105,6 +113,7 @@ class Agent:
         self.pipeline.start()
         self._stack.push_async_callback(self.pipeline.stop)
         await self._start_room_sensors()
+        self._start_wearables()
         if live_ticks:
             self._spawn(self._tick_forever(), "rules-tick")
         self._spawn(self._retention_forever(), "store-retention")
@@ -120,6 +129,22 @@ class Agent:
         self._tasks.clear()
         await self._stack.aclose()
         log.info("gateway %s stopped", self.config.gateway.id)
+
+    async def deliver_pending(self, timeout: float = 30.0) -> bool:
+        """Wait until every alert in the outbox is delivered (and reported).
+
+        Returns:
+            True if all were delivered within `timeout`.
+        """
+        await self.pipeline.drain()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # An attempt marks its row delivered, then reports it: wait for both.
+            if not self.outbox.pending() and not self.alerts.sending:
+                return True
+            await asyncio.sleep(0.1)
+        log.warning("alerts still undelivered after %.0f s", timeout)
+        return False
 
     async def run_until(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set."""
@@ -218,13 +243,33 @@ class Agent:
             on_alert=self._on_alert,
         )
 
+    def _start_wearables(self) -> None:
+        if not self.config.devices:
+            return
+        central = self._central or BleakCentral()
+        for device in self.config.devices:
+            spec = WearableSpec(
+                patient_ref=device.patient,
+                address=device.address,
+                name_pattern=device.name_pattern,
+                profiles=tuple(device.profiles),
+                connect_timeout_s=device.connect_timeout_s,
+            )
+            link = WearableLink(spec, central, self.pipeline, clock=self.clock)
+            self.wearables.append(link)
+            self._spawn(link.run(), f"wearable-{device.id}")
+
     async def _start_room_sensors(self) -> None:
         topics = self.config.mqtt.topics
         if not topics:
             return
         maps = [TopicMap(**t.model_dump()) for t in topics]
-        link = await self._connect(self._settings("ingest"), manual_ack=True)
-        decoder = RoomSensorDecoder(maps, clock=self.clock)
+        decoder = RoomSensorDecoder(
+            maps, clock=self.clock, timezone=self.config.gateway.timezone
+        )
+        # Subscribe before connecting: the link then subscribes from its network
+        # thread on CONNACK, and again on every reconnect.
+        link = MqttLink(self._settings("ingest"), manual_ack=True)
         self.room = RoomSensorAdapter(
             link,
             decoder,
@@ -232,20 +277,28 @@ class Agent:
             quarantine=self.pipeline.quarantine,
         )
         self.room.start()
+        await link.connect()
+        self._stack.push_async_callback(link.close)
 
     def _settings(self, role: str) -> MqttSettings:
         m = self.config.mqtt
-        status = m.status_topic.format(gateway_id=self.config.gateway.id)
+        status = (m.status_topic or "").format(gateway_id=self.config.gateway.id)
+        # Each link with a status announces it (retained) and leaves a will: the
+        # alerts link on the status topic, the ingest link on <status>/ingest.
+        wills = {"alerts": status, "ingest": f"{status}/ingest"}
         return MqttSettings(
             host=m.host,
             port=m.port,
             client_id=m.client_id if role == "ingest" else f"{m.client_id}-{role}",
             protocol=5 if m.protocol == "5" else 4,
             keepalive=m.keepalive_s,
+            session_expiry_s=m.session_expiry_s,
+            receive_maximum=m.receive_maximum if role == "ingest" else None,
+            credentials_file=_str(m.credentials_file),
             tls_ca_file=_str(m.tls_ca_file),
             tls_cert_file=_str(m.tls_cert_file),
             tls_key_file=_str(m.tls_key_file),
-            will_topic=status if role == "alerts" and m.status_topic else None,
+            will_topic=wills.get(role) if m.status_topic else None,
         )
 
     async def _connect(self, settings: MqttSettings, *, manual_ack: bool) -> MqttLink:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -171,8 +172,11 @@ class AlertManager:
             self.stats.suppressed += 1
             return None
 
-        alert = Alert.from_event(
-            event, uuid.uuid4().hex, self._labels(event.patient_ref)
+        # Raised at the gateway's time, not the event's: a sensor's clock may be
+        # off, and escalation counts from when the ERT could first have known.
+        alert = dataclasses.replace(
+            Alert.from_event(event, uuid.uuid4().hex, self._labels(event.patient_ref)),
+            raised_at=self._clock.now(),
         )
         supersedes = None if current is None else current.id
         # Committed (fsync'd) before the delivery task can see it.
@@ -295,6 +299,11 @@ class AlertManager:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, timeout)):
                 await self._wake.wait()
+
+    @property
+    def sending(self) -> int:
+        """Delivery attempts under way (each finishes with its on_alert call)."""
+        return len(self._inflight)
 
     def _spawn(self, delivery: Delivery) -> None:
         # A slow or hung target must not hold up the next alert: one task each.

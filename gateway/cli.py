@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,9 @@ log = logging.getLogger("gateway")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _parser().parse_args(argv)
+    if hasattr(signal, "SIGPIPE"):
+        # `iomt-gateway alerts | head`: end quietly when the reader goes away.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _setup_logging(args.log_level or ("warning" if args.command == "demo" else "info"))
     try:
         return int(args.func(args))
@@ -69,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="replay speed-up (default: as fast as possible)",
     )
+    demo.add_argument(
+        "--ble",
+        action="store_true",
+        help="a virtual chest strap over a virtual radio instead of recordings "
+        "(real time, about two minutes)",
+    )
     demo.add_argument("--config", type=Path, default=None, help="demo TOML file")
     demo.add_argument("--keep", type=Path, default=None, help="keep state in DIR")
     demo.set_defaults(func=_cmd_demo)
@@ -82,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument("--json", action="store_true", help="one JSON object per line")
     alerts.set_defaults(func=_cmd_alerts)
 
+    scan = sub.add_parser("scan", help="list nearby BLE devices")
+    scan.add_argument("--timeout", type=float, default=10.0, help="seconds to listen")
+    scan.add_argument(
+        "--virtual",
+        action="store_true",
+        help="scan the demo's virtual radio (a virtual strap) instead of Bluetooth",
+    )
+    scan.set_defaults(func=_cmd_scan)
+
     pair = sub.add_parser("pair", help="add a wearable to the roster")
     pair.add_argument("address", help="BLE address, e.g. C8:4F:2A:10:77:01")
     pair.add_argument("--patient", required=True, help="pseudonymous patient ref")
@@ -90,13 +109,20 @@ def _parser() -> argparse.ArgumentParser:
         "--profiles",
         default="heart_rate,battery",
         help="comma-separated: heart_rate battery pulse_oximeter thermometer "
-        "blood_pressure glucose (default: heart_rate,battery)",
+        "blood_pressure (default: heart_rate,battery)",
     )
     pair.add_argument("--model", default=None, help="vendor decoder model, if any")
     pair.set_defaults(func=_cmd_pair)
 
+    from sensors.ble import registry
+
     decode = sub.add_parser("decode", help="decode a GATT characteristic value")
-    decode.add_argument("characteristic", choices=["2a37"], help="characteristic UUID")
+    decode.add_argument(
+        "characteristic",
+        type=registry.short_uuid,
+        choices=registry.characteristics() + registry.models(),
+        help="characteristic UUID (2a37, 0x2A37 or 128-bit) or vendor model",
+    )
     decode.add_argument("hex", nargs="+", help="payload bytes in hex (spaces allowed)")
     decode.set_defaults(func=_cmd_decode)
     return p
@@ -143,15 +169,15 @@ def _cmd_pair(args: argparse.Namespace) -> int:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
-    from sensors.ble.hrm import decode_heart_rate_measurement
+    from sensors.ble.registry import decode
 
     try:
-        data = bytes.fromhex("".join(args.hex))
-    except ValueError:
-        print("error: not hex bytes", file=sys.stderr)
+        data = parse_hex(args.hex)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     try:
-        measurement = decode_heart_rate_measurement(data)
+        measurement = decode(args.characteristic, data)
     except DecodeError as err:
         print(f"error: cannot decode: {err}", file=sys.stderr)
         return ExitCode.DECODE_FAILED
@@ -159,12 +185,33 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def parse_hex(words: Sequence[str]) -> bytes:
+    """Payload bytes as tools print them: "16 4e", "164e", "0x16 0x4e", "16:4E:1B".
+
+    Raises:
+        ValueError: Not hex, or an odd number of digits (the message says which).
+    """
+    digits = "".join(
+        w.removeprefix("0x").removeprefix("0X")
+        for w in re.split(r"[\s:,-]+", " ".join(words))
+    )
+    if not re.fullmatch(r"[0-9A-Fa-f]*", digits):
+        raise ValueError("not hex bytes: use digits 0-9 and a-f, e.g. 16 4e 1b 03")
+    if len(digits) % 2:
+        raise ValueError(f"{len(digits)} hex digits: a byte needs two, e.g. 06 not 6")
+    return bytes.fromhex(digits)
+
+
 def _cmd_alerts(args: argparse.Namespace) -> int:
     from gateway.config import load_config
     from gateway.outbox import Outbox
 
     cfg = load_config(args.config)
-    outbox = Outbox(cfg.path(cfg.alerts.outbox_file))
+    path = cfg.path(cfg.alerts.outbox_file)
+    if not path.exists():
+        print(f"no outbox at {path} yet: the gateway has not run with this config")
+        return ExitCode.OK
+    outbox = Outbox(path)
     try:
         rows = outbox.list_alerts()
     finally:
@@ -179,6 +226,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.config import load_config
 
     cfg = load_config(args.config)
+    if args.log_level is None:
+        logging.getLogger().setLevel(cfg.gateway.log_level.upper())
     return asyncio.run(_run(cfg, args.speed))
 
 
@@ -200,6 +249,12 @@ async def _run(cfg: object, speed: float | None) -> int:
     try:
         if cfg.replay:
             await agent.replay(start=now, speed=speed or 1.0)
+            if accelerated:
+                # The replay's clock ran ahead of the wall clock; live input and
+                # escalation timers must not run on it. Deliver, then stop.
+                log.info("accelerated replay finished; delivering, then stopping")
+                await agent.deliver_pending()
+                return ExitCode.OK
             log.info("replay finished; running until stopped")
         await stop.wait()
     finally:
@@ -207,9 +262,19 @@ async def _run(cfg: object, speed: float | None) -> int:
     return ExitCode.OK
 
 
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from gateway.scan import scan
+
+    return asyncio.run(scan(timeout=args.timeout, virtual=args.virtual))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
+    if args.ble:
+        from gateway.ble_demo import run_ble_demo
+
+        return asyncio.run(run_ble_demo(keep=args.keep))
     return asyncio.run(run_demo(config=args.config, speed=args.speed, keep=args.keep))
 
 

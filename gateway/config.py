@@ -7,6 +7,7 @@ is expected. Paths that are not absolute are taken relative to `gateway.data_dir
 from __future__ import annotations
 
 import tomllib
+import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,7 +15,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -37,7 +40,7 @@ ROOM_KINDS = (
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class GatewaySection(_Section):
@@ -47,6 +50,15 @@ class GatewaySection(_Section):
     data_dir: Path = Path("/var/lib/iomt-gateway")
     timezone: str = "UTC"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, name: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("an IANA time zone such as Europe/Berlin or UTC") from exc
+        return name
 
 
 class StoreSection(_Section):
@@ -59,11 +71,16 @@ class StoreSection(_Section):
 
 
 class TopicSection(_Section):
-    """`[[mqtt.topics]]`: one room-sensor topic filter and how to read it."""
+    """`[[mqtt.topics]]`: one room-sensor topic filter and how to read it.
+
+    `format` is one of "number", "json", "senml", "zigbee2mqtt", "tasmota"; the
+    single-value formats need `kind`, the others read `fields` (payload field ->
+    kind) or their own defaults (see `sensors.formats`).
+    """
 
     filter: str = Field(min_length=1)
-    kind: Kind
-    format: Literal["number", "json"] = "json"
+    kind: Kind | None = None
+    format: Literal["number", "json", "senml", "zigbee2mqtt", "tasmota"] = "json"
     value_path: str = "value"
     time_path: str | None = "ts"
     room_level: int | None = Field(1, ge=0)
@@ -71,28 +88,43 @@ class TopicSection(_Section):
     device: str | None = None
     min_value: float | None = None
     max_value: float | None = None
+    unit: str | None = None
+    fields: dict[str, Kind] | None = None
 
     @field_validator("kind")
     @classmethod
-    def _room_kind(cls, kind: Kind) -> Kind:
-        if kind not in ROOM_KINDS:
+    def _room_kind(cls, kind: Kind | None) -> Kind | None:
+        if kind is not None and kind not in ROOM_KINDS:
             raise ValueError(
                 f"a room-sensor kind, one of {[k.value for k in ROOM_KINDS]}"
             )
         return kind
 
+    @model_validator(mode="after")
+    def _single_value_kind(self) -> TopicSection:
+        if self.format in ("number", "json") and self.kind is None:
+            raise ValueError(f"a {self.format!r} topic needs kind")
+        return self
+
 
 class MqttSection(_Section):
-    """`[mqtt]`: the broker, and the room-sensor topics taken in from it."""
+    """`[mqtt]`: the broker, and the room-sensor topics taken in from it.
+
+    Credentials never sit in this file: `credentials_file` names a file (mode
+    600) holding ``username:password`` on its first line.
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     client_id: str = Field("iomt-gateway", min_length=1, max_length=64)
     protocol: Literal["5", "3.1.1"] = "5"
     keepalive_s: int = Field(30, ge=5, le=3600)
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
+    receive_maximum: int | None = Field(None, ge=1, le=65535)
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    credentials_file: Path | None = None
     status_topic: str | None = "iomt/{gateway_id}/status"
     topics: list[TopicSection] = []
 
@@ -133,11 +165,13 @@ class RoomsSection(_Section):
     stale_after_s: float = Field(600.0, gt=0)
     stale_priority: PriorityName = "low"
 
-    @model_validator(mode="after")
-    def _band(self) -> RoomsSection:
-        if self.temperature_low >= self.temperature_high:
-            raise ValueError("temperature_low below temperature_high")
-        return self
+    @field_validator("temperature_high")
+    @classmethod
+    def _band(cls, high: float, info: ValidationInfo) -> float:
+        low = info.data.get("temperature_low")
+        if low is not None and high <= low:
+            raise ValueError(f"above temperature_low ({low:g})")
+        return high
 
     def to_rules(self) -> RoomRules:
         """The engine's room settings."""
@@ -183,7 +217,8 @@ Profile = Literal[
     "pulse_oximeter",
     "thermometer",
     "blood_pressure",
-    "glucose",
+    # TODO(ble): glucose meters send 0x2A18 records only when asked through the
+    # Record Access Control Point (0x2A52); the link does not write it yet.
 ]
 
 
@@ -240,17 +275,37 @@ class Config(_Section):
     devices: list[DeviceSection] = []
     replay: list[ReplaySection] = []
 
-    @model_validator(mode="after")
-    def _references(self) -> Config:
+    _source: str = PrivateAttr("")
+
+    @property
+    def source(self) -> str:
+        """The file this configuration was read from."""
+        return self._source
+
+    def cross_references(self) -> list[str]:
+        """Problems between sections: unknown or repeated refs, repeated devices."""
+        problems = []
         refs = [p.ref for p in self.patients]
-        if len(set(refs)) != len(refs):
-            raise ValueError("each patient ref only once")
-        known = set(refs)
-        for item in [*self.devices, *self.replay]:
-            patient = getattr(item, "patient", None)
-            if patient is not None and patient not in known:
-                raise ValueError(f"patient {patient!r} listed in [[patients]]")
-        return self
+        for i, ref in enumerate(refs):
+            if ref in refs[:i]:
+                problems.append(
+                    f"patients.{i}.ref: got {ref!r}; expected: a ref not used before"
+                )
+        for section, items in (("devices", self.devices), ("replay", self.replay)):
+            for i, item in enumerate(items):
+                if item.patient is not None and item.patient not in refs:
+                    problems.append(
+                        f"{section}.{i}.patient: got {item.patient!r}; "
+                        "expected: a ref listed in [[patients]]"
+                    )
+        ids = [d.id.upper() for d in self.devices]
+        for i, device_id in enumerate(ids):
+            if device_id in ids[:i]:
+                problems.append(
+                    f"devices.{i}: got {self.devices[i].id!r} again; expected: each "
+                    "wearable once (one patient per device)"
+                )
+        return problems
 
     def path(self, p: Path) -> Path:
         """`p` resolved against the data directory."""
@@ -280,16 +335,24 @@ def load_config(path: str | Path, **overrides: Any) -> Config:
     """
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigUnreadableError(f"{path}: not UTF-8 text ({exc.reason})") from exc
     except OSError as exc:
-        raise ConfigUnreadableError(f"{path}: cannot read ({exc.strerror})") from exc
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigUnreadableError(f"{path}: cannot read ({reason})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigUnreadableError(f"{path}: not valid TOML ({exc})") from exc
     for section, values in overrides.items():
         raw[section] = {**raw.get(section, {}), **values}
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(str(path), [_describe(e) for e in exc.errors()]) from exc
+    problems = config.cross_references()
+    if problems:
+        raise ConfigError(str(path), problems)
+    config._source = str(path)
+    return config
 
 
 def _describe(error: Any) -> str:

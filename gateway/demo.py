@@ -10,7 +10,6 @@ data takes seconds and every persistence delay and stale timer still holds.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import tempfile
@@ -19,24 +18,35 @@ from pathlib import Path
 
 from gateway.agent import Agent
 from gateway.broker import LocalBroker
-from gateway.clock import ManualClock
+from gateway.clock import Clock, ManualClock
 from gateway.config import load_config
 from gateway.errors import ExitCode
 from gateway.notify import Alert, redact
-from gateway.report import alert_line, summary_lines
+from gateway.report import alert_line, offset, summary_lines
 
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
-DELIVERY_WAIT_S = 30.0
 
 
 class Timeline:
-    """Prints each alert once, when its first delivery succeeds."""
+    """Prints each alert once, when its first delivery succeeds.
 
-    def __init__(self, start: float) -> None:
+    Args:
+        start: Time zero of the printed offsets.
+        precise: Offsets as minutes and seconds (real-time demos), not hours and
+            minutes (replays of days).
+    """
+
+    def __init__(self, start: float, *, precise: bool = False) -> None:
         self.start = start
+        self.precise = precise
+        self.clock: Clock | None = None
         self.seen: set[str] = set()
+
+    def note(self, text: str) -> None:
+        """Print a line of the demo's own story, at the current time."""
+        print(f"{offset(time.time() - self.start, self.precise)}  ~ {text}", flush=True)
 
     def delivered(self, alert: Alert, target: str) -> None:
         """`AlertManager` hook: called after each successful delivery."""
@@ -44,7 +54,12 @@ class Timeline:
         if key in self.seen:
             return
         self.seen.add(key)
-        print(alert_line(alert, self.start, [redact(target)]), flush=True)
+        line = alert_line(alert, self.start, [redact(target)], precise=self.precise)
+        if alert.escalation and self.clock is not None:
+            # An escalation happens later than the alert it repeats: show when.
+            late = offset(self.clock.now() - self.start, self.precise)
+            line = late + line[len(late) :]
+        print(line, flush=True)
 
 
 async def run_demo(
@@ -68,13 +83,14 @@ async def run_demo(
         start = time.time() // 60 * 60
         timeline = Timeline(start)
         agent = Agent(cfg, clock=ManualClock(start), on_alert=timeline.delivered)
+        timeline.clock = agent.clock
         _header(broker.port, speed)
         began = time.monotonic()
         await agent.start(live_ticks=False)
         try:
             await agent.replay(start=start, speed=speed)
-            await _all_delivered(agent)
-            _summary(agent, time.monotonic() - began, keep)
+            await agent.deliver_pending()
+            print_summary(agent, time.monotonic() - began, keep)
         finally:
             await agent.stop()
     return ExitCode.OK
@@ -86,23 +102,8 @@ def _header(port: int, speed: float | None) -> None:
     print("time    priority subject   category       reason")
 
 
-async def _all_delivered(agent: Agent) -> None:
-    # Done when the outbox has nothing pending and every delivery it records has
-    # also been reported to the timeline (the manager marks the row first).
-    deadline = time.monotonic() + DELIVERY_WAIT_S
-    while time.monotonic() < deadline:
-        states = [
-            d.delivered_at is not None
-            for r in agent.outbox.list_alerts(limit=100_000)
-            for d in r.deliveries
-        ]
-        if all(states) and agent.alerts.stats.delivered >= len(states):
-            return
-        await asyncio.sleep(0.1)
-    log.warning("some alerts were still undelivered after %.0f s", DELIVERY_WAIT_S)
-
-
-def _summary(agent: Agent, elapsed: float, keep: Path | None) -> None:
+def print_summary(agent: Agent, elapsed: float, keep: Path | None) -> None:
+    """Print what was stored and what was raised for whom."""
     cfg = agent.config
     subjects = [p.label or p.ref for p in cfg.patients]
     subjects += [r.room for r in cfg.replay if r.room]
@@ -113,7 +114,7 @@ def _summary(agent: Agent, elapsed: float, keep: Path | None) -> None:
         subjects,
     )
     print()
-    print(f"replayed in {elapsed:.1f} s")
+    print(f"ran for {elapsed:.1f} s")
     for line in lines:
         print(line)
     if keep is not None:

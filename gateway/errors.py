@@ -17,6 +17,8 @@ code  name                       what the operator does next
 21    STORE_CORRUPT              restore the database from backup; keep the file
 30    BROKER_UNREACHABLE         start the MQTT broker, or fix `[mqtt]` host/port
 40    DECODE_FAILED              (decode command) the payload is malformed
+50    BLE_UNAVAILABLE            start bluetoothd and D-Bus; check the adapter
+                                 (`bluetoothctl show`)
 ====  =========================  ==================================================
 """
 
@@ -37,6 +39,7 @@ class ExitCode(enum.IntEnum):
     STORE_CORRUPT = 21
     BROKER_UNREACHABLE = 30
     DECODE_FAILED = 40
+    BLE_UNAVAILABLE = 50
 
 
 class GatewayError(Exception):

@@ -216,10 +216,18 @@ def redact(target: str) -> str:
 def iso_utc(epoch: float) -> str:
     """ISO-8601 UTC with milliseconds and a ``Z``.
 
+    A time no calendar can show (a sensor's clock gone wild) is given as seconds,
+    so that nothing that prints an alert can fail on it.
+
     >>> iso_utc(0.25)
     '1970-01-01T00:00:00.250Z'
+    >>> iso_utc(1.7e12)
+    '@1700000000000'
     """
-    stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+    try:
+        stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+    except (ValueError, OverflowError, OSError):
+        return f"@{epoch:.0f}"
     return stamp.removesuffix("+00:00") + "Z"
 
 

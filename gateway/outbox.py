@@ -290,6 +290,14 @@ class Outbox:
             ).fetchall()
         return [_delivery_of(_alert_from_row(row), row) for row in rows]
 
+    def pending(self) -> int:
+        """Deliveries not yet made."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM deliveries WHERE delivered_at IS NULL"
+            ).fetchone()
+        return int(row[0])
+
     def next_attempt_after(self, now: float) -> float | None:
         """The earliest pending attempt strictly after `now`, if any."""
         with self._lock:

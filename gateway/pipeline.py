@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,6 +22,9 @@ from gateway.readings import Reading
 from gateway.rules import RuleEngine
 
 log = logging.getLogger(__name__)
+
+QUARANTINE_KEEP_BYTES = 4096
+QUARANTINE_LOG_EVERY_S = 60.0
 
 Ack = Callable[[], None]
 
@@ -75,6 +80,7 @@ class Pipeline:
         self.stats = PipelineStats()
         self._events: asyncio.Queue[AlarmEvent] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._quarantine_log: dict[str, tuple[int, float]] = {}
 
     def start(self) -> None:
         """Start the task that hands events to the alert manager."""
@@ -102,10 +108,26 @@ class Pipeline:
     def quarantine(
         self, source: str, reason: str, payload: bytes, on_commit: Ack | None = None
     ) -> None:
-        """Keep rejected input with its reason; it is counted, never dropped."""
+        """Keep rejected input with its reason; it is counted, never dropped.
+
+        At most `QUARANTINE_KEEP_BYTES` of a payload are kept, so that a flood of
+        oversized garbage cannot fill the card; a warning is logged for the first
+        of each reason, then at most once a minute per reason with a count.
+        """
         self.stats.quarantined += 1
-        log.warning("quarantined input from %s: %s", source, reason)
-        self.store.quarantine(source, reason, payload, on_commit)
+        self._warn_quarantined(source, reason)
+        kept = payload[:QUARANTINE_KEEP_BYTES]
+        self.store.quarantine(source, reason, kept, on_commit)
+
+    def _warn_quarantined(self, source: str, reason: str) -> None:
+        now = time.monotonic()
+        seen, last = self._quarantine_log.get(reason, (0, -math.inf))
+        if now - last < QUARANTINE_LOG_EVERY_S:
+            self._quarantine_log[reason] = (seen + 1, last)
+            return
+        self._quarantine_log[reason] = (0, now)
+        more = f" ({seen} more like it since the last warning)" if seen else ""
+        log.warning("quarantined input from %s: %s%s", source, reason, more)
 
     def tick(self, now: float | None = None) -> None:
         """Let the rules find silent streams as of `now` (the clock's time)."""

@@ -10,18 +10,22 @@ from gateway.notify import Alert, iso_utc
 from gateway.outbox import AlertRecord
 
 
-def offset(seconds: float) -> str:
-    """A time offset as ``+HH:MM`` (hours may exceed 24)."""
-    minutes = int(seconds // 60)
-    return f"+{minutes // 60:02d}:{minutes % 60:02d}"
+def offset(seconds: float, precise: bool = False) -> str:
+    """A time offset as ``+HH:MM`` (hours may exceed 24), or ``+MM:SS`` if precise."""
+    whole = int(max(0.0, seconds) // (1 if precise else 60))
+    return f"+{whole // 60:02d}:{whole % 60:02d}"
 
 
-def alert_line(alert: Alert, start: float, targets: Iterable[str] = ()) -> str:
+def alert_line(
+    alert: Alert, start: float, targets: Iterable[str] = (), *, precise: bool = False
+) -> str:
     """One alert on one line, its time given relative to `start`."""
     sent = ", ".join(targets)
+    escalated = "ESCALATED " if alert.escalation else ""
     return (
-        f"{offset(alert.raised_at - start)}  {alert.priority.label.upper():<6}  "
-        f"{alert.subject():<8}  {alert.category:<13}  {alert.reason}"
+        f"{offset(alert.raised_at - start, precise)}  "
+        f"{alert.priority.label.upper():<6}  "
+        f"{alert.subject():<8}  {alert.category:<13}  {escalated}{alert.reason}"
         + (f"  -> {sent}" if sent else "")
     )
 

@@ -25,8 +25,8 @@ _LABELS = {
     Kind.HEART_RATE: ("Heart rate", "bpm"),
     Kind.PULSE_RATE: ("Pulse rate", "bpm"),
     Kind.SPO2: ("SpO2", "%"),
-    Kind.BODY_TEMPERATURE: ("Temperature", "Cel"),
-    Kind.ROOM_TEMPERATURE: ("Room temperature", "Cel"),
+    Kind.BODY_TEMPERATURE: ("Temperature", "°C"),
+    Kind.ROOM_TEMPERATURE: ("Room temperature", "°C"),
 }
 
 _ZERO_MEANS_NO_READING = frozenset({Kind.HEART_RATE, Kind.PULSE_RATE, Kind.SPO2})
@@ -386,7 +386,7 @@ class RuleEngine:
             return []
         side = "above" if r.value > rr.temperature_high - hyst else "below"
         limit = rr.temperature_high if side == "above" else rr.temperature_low
-        reason = f"Room temperature {side} {limit:g} Cel"
+        reason = f"Room temperature {side} {limit:g} °C"
         return [self._event(key, changed, Category.ENVIRONMENTAL, r, gate, reason)]
 
     def _presence(self, r: Reading) -> list[AlarmEvent]:

@@ -71,12 +71,45 @@ def test_device_needs_an_address_or_a_name_pattern(tmp_path: Path) -> None:
     assert cfg.devices[0].profiles == ["heart_rate", "battery"]
 
 
-def test_reference_to_an_unknown_patient(tmp_path: Path) -> None:
+def test_cross_references_name_the_key(tmp_path: Path) -> None:
     path = write(
-        tmp_path, '[[devices]]\naddress = "AA:BB:CC:DD:EE:FF"\npatient = "p-x"\n'
+        tmp_path,
+        '[[patients]]\nref = "p-1"\n[[patients]]\nref = "p-1"\n'
+        '[[devices]]\naddress = "AA:BB:CC:DD:EE:FF"\npatient = "p-x"\n'
+        '[[devices]]\naddress = "aa:bb:cc:dd:ee:ff"\npatient = "p-1"\n',
     )
-    with pytest.raises(ConfigError, match="patient 'p-x' listed in"):
+    with pytest.raises(ConfigError) as info:
         load_config(path)
+    assert info.value.problems == [
+        "patients.1.ref: got 'p-1'; expected: a ref not used before",
+        "devices.0.patient: got 'p-x'; expected: a ref listed in [[patients]]",
+        "devices.1: got 'aa:bb:cc:dd:ee:ff' again; expected: each wearable once "
+        "(one patient per device)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            '[gateway]\ntimezone = "Mars/Olympus"\n',
+            "gateway.timezone: got 'Mars/Olympus'; expected: an IANA time zone",
+        ),
+        (
+            "[rooms]\nno_motion_after_s = inf\n",
+            "rooms.no_motion_after_s: got inf; expected: Input should be a finite",
+        ),
+        (
+            "[rooms]\ntemperature_low = 30\ntemperature_high = 20\n",
+            "rooms.temperature_high: got 20; expected: above temperature_low (30)",
+        ),
+    ],
+)
+def test_values_that_only_look_valid(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    (found,) = info.value.problems
+    assert found.startswith(problem)
 
 
 def test_unreadable_and_not_toml(tmp_path: Path) -> None:
@@ -84,6 +117,12 @@ def test_unreadable_and_not_toml(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigUnreadableError, match="not valid TOML"):
         load_config(write(tmp_path, "[gateway\n"))
+    with pytest.raises(ConfigUnreadableError, match="cannot read"):
+        load_config(tmp_path)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[gateway]\nid = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigUnreadableError, match="not UTF-8"):
+        load_config(latin1)
 
 
 def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

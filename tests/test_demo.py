@@ -27,7 +27,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 
 
 def timeline(output: str) -> list[list[str]]:
-    rows = [line for line in output.splitlines() if re.match(r"^\+\d\d:\d\d ", line)]
+    rows = [
+        line for line in output.splitlines() if re.match(r"^\+\d\d:\d\d  [A-Z]", line)
+    ]
     return [re.split(r"\s{2,}", row) for row in rows]
 
 
@@ -56,3 +58,27 @@ def test_demo_timeline_matches_its_outbox_and_store(demo: tuple[str, Path]) -> N
     with sqlite3.connect(state / "readings.db") as db:
         stored = db.execute("SELECT count(*) FROM readings").fetchone()[0]
     assert f"readings stored: {stored} " in output
+
+
+def test_ble_demo_shows_every_alarm_path(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--ble", "--keep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    reasons = [row[4] for row in timeline(run.stdout) if row[2] == "Bed 5"]
+    assert reasons[0].startswith("Heart rate high: 138 bpm")
+    assert reasons[1].startswith("ESCALATED Heart rate high: 138 bpm")
+    assert set(reasons[2:]) == {
+        "Heart rate: sensor off: the device reports no measurement",
+        "Heart rate: no skin contact",
+        "wearable disconnected for 10 s",
+        "no data from the device for 10 s",
+    }
+    with sqlite3.connect(tmp_path / "readings.db") as db:
+        kinds = dict(db.execute("SELECT kind, count(*) FROM readings GROUP BY kind"))
+    # The strap's data resumed after its drop: readings from after the reconnect.
+    assert kinds["heart_rate"] > 60 and kinds["rr_interval"] > 60
+    assert kinds["battery"] >= 2  # read on each connection

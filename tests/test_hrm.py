@@ -129,3 +129,32 @@ def test_encode_decode_round_trip(
     m = decode_heart_rate_measurement(data)
     assert (m.heart_rate, m.rr_raw, m.energy_kj) == (hr, tuple(rr), energy)
     assert m.contact_lost == (contact is False)
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["16", "4e", "1b"],
+        ["164e1b"],
+        ["0x16", "0x4e", "0x1b"],
+        ["16:4E:1B"],
+        ["16-4e-1b"],
+    ],
+)
+def test_decode_command_takes_hex_as_tools_print_it(
+    words: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["decode", "2a37", *words]) == 0
+    assert json.loads(capsys.readouterr().out)["heart_rate_bpm"] == 78
+
+
+def test_decode_command_explains_bad_hex(capsys: pytest.CaptureFixture) -> None:
+    assert main(["decode", "2a37", "164"]) == ExitCode.USAGE
+    assert "3 hex digits" in capsys.readouterr().err
+
+
+def test_payload_longer_than_an_attribute_is_refused(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    assert main(["decode", "2a37", "1048" + "0004" * 300]) == ExitCode.DECODE_FAILED
+    assert "512-byte maximum" in capsys.readouterr().err

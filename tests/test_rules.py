@@ -30,14 +30,26 @@ def feed(engine: RuleEngine, readings: list[Reading]) -> list:
 @pytest.mark.parametrize(
     ("bpm", "score"),
     [(40, 3), (41, 1), (50, 1), (51, 0), (90, 0), (91, 1), (110, 1), (111, 2),
-     (130, 2), (131, 3), (0, 3), (250, 3)],
+     (130, 2), (131, 3), (0, 3), (250, 3), (40.5, 1), (40.49, 3), (130.5, 3),
+     (50.5, 0), (90.5, 1)],
 )  # fmt: skip
 def test_heart_rate_bands_follow_news2(bpm: int, score: int) -> None:
     assert news2.heart_rate_score(bpm) == score
 
 
 @pytest.mark.parametrize(
-    ("spo2", "score"), [(91, 3), (92, 2), (93, 2), (94, 1), (95, 1), (96, 0), (100, 0)]
+    ("spo2", "score"),
+    [
+        (91, 3),
+        (92, 2),
+        (93, 2),
+        (94, 1),
+        (95, 1),
+        (96, 0),
+        (100, 0),
+        (91.5, 2),
+        (95.5, 0),
+    ],
 )
 def test_spo2_bands_follow_news2_scale_1(spo2: int, score: int) -> None:
     assert news2.spo2_score(spo2) == score
@@ -46,7 +58,7 @@ def test_spo2_bands_follow_news2_scale_1(spo2: int, score: int) -> None:
 @pytest.mark.parametrize(
     ("temp", "score"),
     [(35.0, 3), (35.1, 1), (36.0, 1), (36.1, 0), (38.0, 0), (38.1, 1), (39.0, 1),
-     (39.1, 2), (41.0, 2)],
+     (39.1, 2), (41.0, 2), (35.05, 1), (35.04, 3), (39.05, 2)],
 )  # fmt: skip
 def test_temperature_bands_follow_news2(temp: float, score: int) -> None:
     assert news2.temperature_score(temp) == score

@@ -112,6 +112,10 @@ def short_uuid(characteristic: str) -> str:
     return match.group(1) if match else text
 
 
+MAX_ATTRIBUTE_BYTES = 512
+"""Core Specification, Vol 3 Part F 3.2.9: no attribute value is longer."""
+
+
 def decode(characteristic: str, data: bytes, *, model: str | None = None) -> Any:
     """Decode one characteristic value into its measurement record.
 
@@ -126,6 +130,8 @@ def decode(characteristic: str, data: bytes, *, model: str | None = None) -> Any
             characteristic (for this model).
     """
     key = short_uuid(characteristic)
+    if len(data) > MAX_ATTRIBUTE_BYTES:
+        raise DecodeError(key, f"longer than the {MAX_ATTRIBUTE_BYTES}-byte maximum")
     sig = _SIG.get(key)
     if sig is not None:
         return sig[0](bytes(data))
