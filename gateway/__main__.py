@@ -1,7 +1,5 @@
 """`python -m gateway` runs the command line."""
 
-import sys
+from gateway.cli import console_main
 
-from gateway.cli import main
-
-sys.exit(main())
+console_main()

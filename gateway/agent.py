@@ -18,7 +18,7 @@ from gateway.alerts import AlertManager
 from gateway.apprise_push import AppriseNotifier
 from gateway.clock import Clock, ManualClock, SystemClock
 from gateway.config import Config, ReplaySection
-from gateway.errors import ConfigError, DeliveryError
+from gateway.errors import ConfigError, DeliveryError, StoreError
 from gateway.notify import MQTT_TARGET, Alert, MqttNotifier, Notifier
 from gateway.outbox import Outbox
 from gateway.paho import MqttLink, MqttSettings
@@ -93,7 +93,14 @@ class Agent:
             BrokerError: The MQTT broker cannot be reached.
         """
         cfg = self.config
-        cfg.gateway.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cfg.gateway.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create data directory {cfg.gateway.data_dir} "
+                f"({exc.strerror or type(exc).__name__}); set gateway.data_dir to a "
+                "writable local folder (the systemd unit provides StateDirectory)"
+            ) from exc
         self.store = self._open_store()
         self.outbox = Outbox(cfg.path(cfg.alerts.outbox_file))
         self._stack.callback(self.outbox.close)

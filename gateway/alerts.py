@@ -53,6 +53,7 @@ class AlertStats:
     failed_attempts: int = 0
     acknowledged: int = 0
     acks_malformed: int = 0
+    acks_unknown: int = 0
     escalated: int = 0
 
 
@@ -216,6 +217,9 @@ class AlertManager:
         if changed:
             self.stats.acknowledged += 1
             log.info("alert %s acknowledged", alert_id)
+        elif await self._db(self._outbox.get, alert_id) is None:
+            self.stats.acks_unknown += 1
+            log.warning("acknowledgement for an unknown alert id %.40r", alert_id)
         return changed
 
     def ack_handler(self) -> Callable[[MqttMessage], None]:

@@ -25,9 +25,6 @@ log = logging.getLogger("gateway")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _parser().parse_args(argv)
-    if hasattr(signal, "SIGPIPE"):
-        # `iomt-gateway alerts | head`: end quietly when the reader goes away.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _setup_logging(args.log_level or ("warning" if args.command == "demo" else "info"))
     try:
         return int(args.func(args))
@@ -39,6 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return ExitCode.OK
+
+
+def console_main() -> None:
+    """The `iomt-gateway` executable: `main()` as a process."""
+    if hasattr(signal, "SIGPIPE"):
+        # `iomt-gateway alerts | head`: end quietly when the reader goes away.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,8 +140,9 @@ def _setup_logging(level: str) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # apprise logs notification bodies (alerts: health data) at debug: never that.
-    logging.getLogger("apprise").setLevel(max(logging.WARNING, logging.root.level))
+    # apprise logs notification bodies (health data) at debug, and service URLs
+    # (tokens) in its warnings: the gateway logs its own redacted account instead.
+    logging.getLogger("apprise").setLevel(logging.CRITICAL)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -279,4 +285,4 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
@@ -121,10 +122,10 @@ class MqttSection(_Section):
     keepalive_s: int = Field(30, ge=5, le=3600)
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
     receive_maximum: int | None = Field(None, ge=1, le=65535)
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    credentials_file: Path | None = None
+    tls_ca_file: FilePath | None = None
+    tls_cert_file: FilePath | None = None
+    tls_key_file: FilePath | None = None
+    credentials_file: FilePath | None = None
     status_topic: str | None = "iomt/{gateway_id}/status"
     topics: list[TopicSection] = []
 

@@ -77,6 +77,12 @@ class StoreError(GatewayError):
     exit_code = ExitCode.STORE_UNAVAILABLE
 
 
+class StoreCorruptError(StoreError):
+    """The SQLite file is damaged or not a database; keep it for recovery."""
+
+    exit_code = ExitCode.STORE_CORRUPT
+
+
 class BrokerError(GatewayError):
     """The MQTT broker cannot be reached or refused us.
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.clock import Clock, SystemClock
-from gateway.errors import StoreError
+from gateway.errors import StoreCorruptError, StoreError
 from gateway.readings import Kind, Quality, Reading
 
 log = logging.getLogger(__name__)
@@ -715,8 +715,13 @@ def _open_write_connection(path: Path, busy_timeout: float) -> sqlite3.Connectio
     try:
         _configure(conn, path, busy_timeout)
         _migrate(conn, path)
-    except sqlite3.Error as exc:
+    except sqlite3.DatabaseError as exc:
         conn.close()
+        if _is_corrupt(exc):
+            raise StoreCorruptError(
+                f"reading store {path} is damaged or not an SQLite database ({exc}); "
+                "keep the file for recovery, restore from backup or move it aside"
+            ) from exc
         raise StoreError(_open_hint(path, exc)) from exc
     except StoreError:
         conn.close()
@@ -766,6 +771,11 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _open_hint(path: Path, exc: sqlite3.Error) -> str:

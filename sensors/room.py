@@ -285,6 +285,8 @@ class RoomSensorDecoder:
         measured_at = now if sample.at is None else sample.at
         if not math.isfinite(measured_at) or measured_at < 0:
             raise DecodeError(topic, "time is not epoch seconds")
+        if sample.at is not None and now > CLOCK_SYNCED_AFTER:
+            _check_skew(topic, sample.at, now)
         device = f"{route.device}/{sample.source}" if sample.source else route.device
         return Reading(
             device_id=device,
@@ -296,6 +298,23 @@ class RoomSensorDecoder:
 
 
 _MISSING: Any = object()
+
+MAX_AHEAD_S = 300.0
+"""A sensor time further ahead of the gateway's is a broken clock (ms for s...)."""
+MAX_AGE_S = 7 * 86400.0
+"""A sensor time older than this is not a reading to alarm on, nor to keep."""
+CLOCK_SYNCED_AFTER = 1_577_836_800.0
+"""2020-01-01: a gateway clock before this is not synced yet (a Pi has no RTC), and
+cannot judge a sensor's clock."""
+
+
+def _check_skew(topic: str, at: float, now: float) -> None:
+    if at > now + MAX_AHEAD_S:
+        raise DecodeError(topic, f"time out of range: over {MAX_AHEAD_S:.0f} s ahead")
+    if at < now - MAX_AGE_S:
+        raise DecodeError(
+            topic, f"time out of range: over {MAX_AGE_S / 86400:.0f} days old"
+        )
 
 
 def _parse_number(topic: str, payload: bytes) -> float:

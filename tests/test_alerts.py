@@ -249,8 +249,10 @@ def test_ack_messages_are_recorded_and_malformed_ones_counted(
         for bad in (b"{not json", b"[1]", b'{"outcome": "maybe"}', b'{"by": 7}'):
             handler(ack_message(alert.id, bad))
         handler(ack_message("not-an-alert-id", b""))
+        handler(ack_message("f" * 32, b""))  # well formed, but no such alert
         handler(ack_message(alert.id, b'{"by": "nurse-3", "outcome": "true_alarm"}'))
         await until(lambda: h.manager.stats.acknowledged == 1)
+        await until(lambda: h.manager.stats.acks_unknown == 1)
 
         stored = record(h, alert)
         assert (stored.acked_by, stored.outcome) == ("nurse-3", "true_alarm")

@@ -116,12 +116,12 @@ def test_zigbee2mqtt_object_yields_one_reading_per_quantity() -> None:
 )
 def test_tasmota_local_time_takes_the_configured_zone(tz, hour_utc) -> None:
     message = {
-        "Time": "2024-01-05T10:15:00",
+        "Time": "2023-11-14T10:15:00",
         "BME280": {"Temperature": 21.3, "Humidity": 40.2, "Pressure": 1013},
         "TempUnit": "C",
     }
     decoded = _decode("tele/room-3/SENSOR", message, tz)
-    at = datetime.datetime(2024, 1, 5, hour_utc, 15, tzinfo=datetime.UTC).timestamp()
+    at = datetime.datetime(2023, 11, 14, hour_utc, 15, tzinfo=datetime.UTC).timestamp()
     assert [
         (r.device_id, r.kind, r.value, r.measured_at) for r in decoded.readings
     ] == [

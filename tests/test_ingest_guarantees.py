@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -400,6 +401,9 @@ BAD_INPUT = [
 ]
 
 
+BERLIN_NOW = datetime.datetime.now(ZoneInfo("Europe/Berlin")).replace(microsecond=0)
+
+
 def test_each_bad_input_class_is_quarantined_with_its_reason(
     tmp_path: Path, broker: LocalBroker
 ) -> None:
@@ -410,7 +414,7 @@ def test_each_bad_input_class_is_quarantined_with_its_reason(
             publisher.send(topic, payload)
         publisher.send(
             "tele/5/SENSOR",
-            b'{"Time": "2024-01-05T10:15:00", '
+            b'{"Time": "' + BERLIN_NOW.strftime("%Y-%m-%dT%H:%M:%S").encode() + b'", '
             b'"BME280": {"Temperature": 70.0, "Humidity": 40.2}, "TempUnit": "F"}',
         )
         publisher.wait_all()
@@ -427,8 +431,8 @@ def test_each_bad_input_class_is_quarantined_with_its_reason(
         readings = store.readings()
     got = sorted((e.source, e.reason, e.payload) for e in entries)
     assert got == sorted((f"mqtt:{t}", r, p) for t, p, r in BAD_INPUT)
-    # 10:15 in Berlin in January is 09:15 UTC; 70 F is 21.1 Cel.
-    at = datetime.datetime(2024, 1, 5, 9, 15, tzinfo=datetime.UTC).timestamp()
+    # Tasmota's zone-less time is read in the configured zone; 70 F is 21.1 Cel.
+    at = float(int(BERLIN_NOW.timestamp()))
     assert [
         (r.device_id, r.kind, round(r.value, 2), r.measured_at) for r in readings
     ] == [

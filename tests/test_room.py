@@ -370,8 +370,10 @@ def test_unacked_message_is_redelivered_after_reconnect(broker) -> None:
         first = _Sink(auto_ack=False)
         sub, _ = await _connected_adapter(broker, first, client_id, None)
         pub = await _publisher(broker)
-        await pub.publish("rooms/7/temperature", b'{"ts": 1.0, "value": 20.5}')
-        await pub.publish("rooms/7/temperature", b'{"ts": 2.0, "value": 20.75}')
+        await pub.publish("rooms/7/temperature", b'{"ts": 1699999991.0, "value": 20.5}')
+        await pub.publish(
+            "rooms/7/temperature", b'{"ts": 1699999992.0, "value": 20.75}'
+        )
         await _until(lambda: first.total == 2)
         first.acks[0]()  # only the first reading was committed
         await asyncio.sleep(0.2)
@@ -388,6 +390,28 @@ def test_unacked_message_is_redelivered_after_reconnect(broker) -> None:
     first_values, second_values = asyncio.run(scenario())
     assert first_values == [20.5, 20.75]
     assert second_values == [20.75]
+
+
+@pytest.mark.parametrize(
+    ("ts", "reason"),
+    [
+        (NOW * 1000, "time out of range: over 300 s ahead"),
+        (NOW + 301, "time out of range: over 300 s ahead"),
+        (NOW - 8 * 86400, "time out of range: over 7 days old"),
+    ],
+)
+def test_a_sensor_clock_gone_wild_is_quarantined(ts: float, reason: str) -> None:
+    payload = json.dumps({"ts": ts, "value": 22.0}).encode()
+    assert _reason("rooms/1/temperature", payload) == reason
+
+
+def test_an_unsynced_gateway_clock_does_not_judge_sensor_clocks() -> None:
+    decoder = RoomSensorDecoder(
+        [TopicMap("rooms/+/temperature", Kind.ROOM_TEMPERATURE)],
+        clock=ManualClock(42.0),
+    )
+    reading = decoder.decode("rooms/1/temperature", b'{"ts": 1700000000, "value": 21}')
+    assert reading.measured_at == 1_700_000_000
 
 
 def test_reason_text_never_carries_the_value() -> None:

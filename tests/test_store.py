@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.clock import ManualClock
-from gateway.errors import StoreError
+from gateway.errors import ExitCode, StoreCorruptError, StoreError
 from gateway.readings import Kind, Quality, Reading
 from gateway.store import SCHEMA_VERSION, ReadingStore
 
@@ -350,12 +350,13 @@ def test_unusable_path_raises_store_error(tmp_path: Path, where: str) -> None:
     assert isinstance(caught.value.__cause__, sqlite3.Error)
 
 
-def test_not_a_database_raises_store_error(tmp_path: Path) -> None:
+def test_not_a_database_is_reported_as_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "gw.db"
     path.write_bytes(b"this is a text file, not sqlite" * 100)
 
-    with pytest.raises(StoreError, match="SQLite database"):
+    with pytest.raises(StoreCorruptError, match="not an SQLite database") as info:
         ReadingStore(path).open()
+    assert info.value.exit_code == ExitCode.STORE_CORRUPT
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
