@@ -43,6 +43,7 @@ from sensors.room import RoomSensorAdapter, RoomSensorDecoder, TopicMap
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+CATCH_UP_S = 10.0
 RETENTION_EVERY_S = 3600.0
 
 
@@ -127,7 +128,10 @@ class Agent:
         log.info("gateway %s running", cfg.gateway.id)
 
     async def stop(self) -> None:
-        """Stop the tasks, deliver what can be, close everything (reverse order)."""
+        """Stop the tasks and close everything, in reverse order of opening.
+
+        Alerts not yet delivered stay in the outbox for the next start.
+        """
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -152,14 +156,6 @@ class Agent:
             await asyncio.sleep(0.1)
         log.warning("alerts still undelivered after %.0f s", timeout)
         return False
-
-    async def run_until(self, stop: asyncio.Event) -> None:
-        """Run until `stop` is set."""
-        await self.start()
-        try:
-            await stop.wait()
-        finally:
-            await self.stop()
 
     # -- replay --------------------------------------------------------------------
 
@@ -229,7 +225,7 @@ class Agent:
             apprise_notifier = AppriseNotifier(urls)
         except DeliveryError as exc:
             raise ConfigError(
-                "[alerts]",
+                self.config.source or "configuration",
                 [f"alerts.targets: {exc.target} is not a URL apprise supports"],
             ) from exc
 
@@ -385,7 +381,16 @@ class _Player:
         room = self.agent.room
         if room is None:
             return
+        deadline = time.monotonic() + CATCH_UP_S
         while room.counters.received < self.published:
+            if time.monotonic() > deadline:
+                log.warning(
+                    "replay: %d room messages not back from the broker after %.0f s",
+                    self.published - room.counters.received,
+                    CATCH_UP_S,
+                )
+                self.published = room.counters.received
+                return
             await asyncio.sleep(0.001)
 
 

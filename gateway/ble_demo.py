@@ -20,7 +20,7 @@ from pathlib import Path
 from gateway.agent import Agent
 from gateway.broker import LocalBroker
 from gateway.config import load_config
-from gateway.demo import Timeline, print_summary
+from gateway.demo import HEADER, Timeline, print_summary
 from gateway.errors import ExitCode
 from sensors.ble.bleak_central import BleakCentral
 from sensors.ble.virtual import VirtualHeartRateStrap, VirtualRadio
@@ -62,6 +62,7 @@ async def run_ble_demo(*, keep: Path | None = None) -> int:
         print(
             f"iomt-gateway demo --ble: virtual strap {STRAP}, mosquitto :{broker.port}"
         )
+        print(HEADER.format(time="+mm:ss"))
         await agent.start()
         try:
             await _script(strap, timeline)

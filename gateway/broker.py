@@ -7,6 +7,8 @@ their own, from the Debian package, exactly as a site would run it, and stop it 
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -165,6 +167,12 @@ class LocalBroker:
             "max_queued_messages 100000",
             f"max_inflight_messages {self.max_inflight}",
             f"log_dest file {self.workdir / 'mosquitto.log'}",
+            # Started as root, mosquitto drops to the `mosquitto` user, which cannot
+            # write to our private workdir: no log, and no persistence file, so every
+            # session (and the messages queued for it) vanished on restart. A site's
+            # broker runs as `mosquitto` with /var/lib/mosquitto/ owned by it; here
+            # the broker runs as whoever owns the workdir (ignored unless root).
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
         ]
         if self._persistence:
             lines += [

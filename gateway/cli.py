@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.errors import ConfigError, ExitCode, GatewayError
 from sensors.errors import DecodeError
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 log = logging.getLogger("gateway")
 
@@ -211,6 +216,7 @@ def parse_hex(words: Sequence[str]) -> bytes:
 def _cmd_alerts(args: argparse.Namespace) -> int:
     from gateway.config import load_config
     from gateway.outbox import Outbox
+    from gateway.report import print_outbox
 
     cfg = load_config(args.config)
     path = cfg.path(cfg.alerts.outbox_file)
@@ -222,8 +228,6 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
         rows = outbox.list_alerts()
     finally:
         outbox.close()
-    from gateway.report import print_outbox
-
     print_outbox(rows, as_json=args.json)
     return ExitCode.OK
 
@@ -237,12 +241,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(cfg, args.speed))
 
 
-async def _run(cfg: object, speed: float | None) -> int:
+async def _run(cfg: Config, speed: float | None) -> int:
     from gateway.agent import Agent
     from gateway.clock import ManualClock, SystemClock
-    from gateway.config import Config
 
-    assert isinstance(cfg, Config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -254,18 +256,33 @@ async def _run(cfg: object, speed: float | None) -> int:
     await agent.start(live_ticks=not accelerated)
     try:
         if cfg.replay:
-            await agent.replay(start=now, speed=speed or 1.0)
-            if accelerated:
+            replayed = await _unless_stopped(
+                agent.replay(start=now, speed=speed or 1.0), stop
+            )
+            if replayed and accelerated:
                 # The replay's clock ran ahead of the wall clock; live input and
                 # escalation timers must not run on it. Deliver, then stop.
                 log.info("accelerated replay finished; delivering, then stopping")
                 await agent.deliver_pending()
                 return ExitCode.OK
-            log.info("replay finished; running until stopped")
+            if replayed:
+                log.info("replay finished; running until stopped")
         await stop.wait()
     finally:
         await agent.stop()
     return ExitCode.OK
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run `work` until it ends (True) or `stop` is set first (False, cancelled)."""
+    task = asyncio.create_task(work, name="replay")
+    stopped = asyncio.create_task(stop.wait(), name="stop-signal")
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, stopped):
+        pending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return not stop.is_set()
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
 
 
+HEADER = "{time}  priority subject   category       reason"
+
+
 class Timeline:
     """Prints each alert once, when its first delivery succeeds.
 
@@ -99,7 +102,7 @@ async def run_demo(
 def _header(port: int, speed: float | None) -> None:
     pace = f"{speed:g}x real time" if speed else "as fast as possible"
     print(f"iomt-gateway demo: mosquitto on 127.0.0.1:{port}, replay {pace}")
-    print("time    priority subject   category       reason")
+    print(HEADER.format(time="+hh:mm"))
 
 
 def print_summary(agent: Agent, elapsed: float, keep: Path | None) -> None:

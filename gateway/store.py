@@ -4,7 +4,12 @@ Every reading and every rejected input goes through here. Writes never run on th
 event loop: `put()`, `put_many()` and `quarantine()` only enqueue, and one writer
 thread, which owns the only write connection, commits what is waiting as one
 transaction per batch. A batch is committed when `batch_size` items are waiting or
-`flush_interval` seconds after the first of them was queued, whichever comes first.
+`flush_interval` seconds after the first of them was queued, whichever comes first;
+but as soon as the batch holds an item with an `on_commit` callback, the writer
+commits what is queued right away (group commit). Someone waits on such an item (an
+MQTT ack, which the broker's inflight window is short of), and under load the next
+batch gathers by itself during this one's fsync, so waiting out the interval would
+only cap throughput at the inflight window per interval.
 
 Durability is what the MQTT adapter relies on: an item's `on_commit` callback runs
 only after its batch is committed with `synchronous=FULL`, so a message acknowledged
@@ -569,29 +574,36 @@ class _Writer:
         """Wait for work, then gather writes until the batch is full or due.
 
         A control item (flush barrier, call, stop) ends the batch so it is
-        answered without waiting for the flush interval.
+        answered without waiting for the flush interval; so does an item with an
+        `on_commit` callback, once what is already queued has joined the batch.
         """
         batch: list[_Write] = []
         size = 0
+        awaited = False
         item = self._items.get()
         while isinstance(item, _Write):
             batch.append(item)
             size += item.size
-            due_in = batch[0].queued_at + self._flush_interval - time.monotonic()
+            awaited = awaited or item.on_commit is not None
             if size >= self._batch_size:
                 return batch, None
+            due_in = 0.0 if awaited else self._due_in(batch[0])
             item = self._next_item(due_in)
             if item is None:
                 return batch, None
         return batch, item
+
+    def _due_in(self, first: _Write) -> float:
+        return first.queued_at + self._flush_interval - time.monotonic()
 
     def _next_item(self, due_in: float) -> _Item | None:
         """The next item if it arrives within `due_in` seconds, else None."""
         try:
             if due_in > 0:
                 return self._items.get(timeout=due_in)
-            # Past due (a backlog built up while committing): take only what is
-            # already waiting, so a backlog still goes out in full batches.
+            # Past due, or awaited (group commit): take only what is already
+            # waiting, so a backlog built up while committing goes out in full
+            # batches and a lone item goes out after one fsync.
             return self._items.get_nowait()
         except queue.Empty:
             return None

@@ -295,3 +295,47 @@ def test_sigkill_before_delivery_delivers_after_restart_exactly_once(
     assert len(outbox_rows(outbox)) == 1
     log = (tmp_path / "agent.log").read_text()
     assert "p-7" not in log and "Bed 7" not in log and "31.0" not in log
+
+
+@pytest.mark.slow
+def test_accelerated_run_replays_then_stops_and_sigterm_ends_a_live_run(
+    tmp_path: Path, broker: LocalBroker
+) -> None:
+    beats = tmp_path / "beats.csv"
+    beats.write_text(",R\n" + "".join(f"{i},{i * 270}\n" for i in range(200)))
+    config = write_config(tmp_path, broker, ["mqtt"])
+    config.write_text(
+        config.read_text() + f'\n[[replay]]\nsource = "mitdb"\nfile = "{beats}"\n'
+        'device = "strap-7"\npatient = "p-7"\n'
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--config",
+            str(config),
+            "--speed",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "accelerated replay finished" in run.stderr
+    with sqlite3.connect(tmp_path / "state" / "readings.db") as db:
+        (hr,) = db.execute("SELECT count(*) FROM readings WHERE kind='heart_rate'")
+    assert hr[0] > 100  # 200 beats at 80 bpm: one notification a second
+
+    live = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)  # replaying in real time now
+    live.send_signal(signal.SIGTERM)
+    assert live.wait(timeout=20) == 0
+    assert "stopped" in live.stderr.read()
+    live.stderr.close()

@@ -230,12 +230,6 @@ def test_sigkill_mid_stream_then_every_reading_stored_exactly_once(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="TODO(ingest): mosquitto 2.0.11 here reconnects the agent with session "
-    "present False after a restart, so messages it held for the agent are lost; "
-    "not yet known whether this is the broker's persistence or our v5 session setup",
-    strict=False,
-)
 def test_broker_restart_mid_stream_loses_nothing_and_stores_no_duplicate(
     tmp_path: Path, broker: LocalBroker, agent
 ) -> None:

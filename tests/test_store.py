@@ -145,14 +145,48 @@ def test_on_commit_runs_after_row_is_visible_elsewhere(tmp_path: Path) -> None:
         other.close()
         done.set()
 
-    # A long interval: only the commit, not a timer, may trigger the callback.
-    with ReadingStore(path, batch_size=2, flush_interval=60) as store:
-        store.put(hr(1.0), on_commit=count_from_another_connection)
-        assert not done.wait(0.3)
-        store.put(hr(2.0))
+    # A long interval: a reading nobody waits on stays queued; the acked one
+    # behind it is committed at once (group commit), and takes it along.
+    with ReadingStore(path, batch_size=100, flush_interval=60) as store:
+        store.put(hr(1.0))
+        time.sleep(0.3)
+        assert store.count() == 0
+        store.put(hr(2.0), on_commit=count_from_another_connection)
         assert done.wait(5)
 
     assert seen == [2]
+
+
+def test_acked_item_is_committed_long_before_the_flush_interval(
+    tmp_path: Path,
+) -> None:
+    committed_after: list[float] = []
+    with ReadingStore(tmp_path / "gw.db", flush_interval=5.0) as store:
+        for i in range(3):
+            start = time.monotonic()
+            done = threading.Event()
+            store.put(hr(float(i)), on_commit=done.set)
+            assert done.wait(5)
+            committed_after.append(time.monotonic() - start)
+
+        assert store.count() == 3
+        assert store.stats.batches == 3
+    assert max(committed_after) < 0.5  # one fsync each, not the 5 s interval
+
+
+def test_acked_items_arriving_during_a_commit_share_the_next_one(
+    tmp_path: Path,
+) -> None:
+    acked = threading.Semaphore(0)
+    with ReadingStore(tmp_path / "gw.db", flush_interval=5.0) as store:
+        for i in range(2000):
+            store.put(hr(float(i)), on_commit=acked.release)
+        for _ in range(2000):
+            assert acked.acquire(timeout=10)
+
+        assert store.count() == 2000
+        # Queued faster than one fsync: batches fill up to batch_size (500).
+        assert 4 <= store.stats.batches <= 50
 
 
 def test_a_raising_callback_is_logged_and_writer_goes_on(
