@@ -12,15 +12,11 @@ silent. Runs in real time, about two minutes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import tempfile
 import time
 from pathlib import Path
 
 from gateway.agent import Agent
-from gateway.broker import LocalBroker
-from gateway.config import load_config
-from gateway.demo import HEADER, Timeline, print_summary
+from gateway.demo import HEADER, Timeline, demo_setting, print_summary
 from gateway.errors import ExitCode
 from sensors.ble.bleak_central import BleakCentral
 from sensors.ble.virtual import VirtualHeartRateStrap, VirtualRadio
@@ -37,16 +33,7 @@ async def run_ble_demo(*, keep: Path | None = None) -> int:
     Raises:
         BrokerError: mosquitto is not installed or does not start.
     """
-    with contextlib.ExitStack() as stack:
-        broker = stack.enter_context(LocalBroker(persistence=False))
-        state = keep or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="iomt-demo-"))
-        )
-        cfg = load_config(
-            BLE_DEMO_CONFIG,
-            gateway={"data_dir": str(state)},
-            mqtt={"port": broker.port},
-        )
+    with demo_setting(BLE_DEMO_CONFIG, keep) as (cfg, port):
         radio = VirtualRadio()
         await radio.start()
         strap = VirtualHeartRateStrap(radio, address=STRAP, name="HRM-Virtual")
@@ -59,9 +46,7 @@ async def run_ble_demo(*, keep: Path | None = None) -> int:
             on_alert=timeline.delivered,
         )
         timeline.clock = agent.clock
-        print(
-            f"iomt-gateway demo --ble: virtual strap {STRAP}, mosquitto :{broker.port}"
-        )
+        print(f"iomt-gateway demo --ble: virtual strap {STRAP}, mosquitto :{port}")
         print(HEADER.format(time="+mm:ss"))
         await agent.start()
         try:

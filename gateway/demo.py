@@ -14,12 +14,13 @@ import contextlib
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.agent import Agent
 from gateway.broker import LocalBroker
 from gateway.clock import Clock, ManualClock
-from gateway.config import load_config
+from gateway.config import Config, load_config
 from gateway.errors import ExitCode
 from gateway.notify import Alert, redact
 from gateway.report import alert_line, offset, summary_lines
@@ -65,10 +66,12 @@ class Timeline:
         print(line, flush=True)
 
 
-async def run_demo(
-    *, config: Path | None = None, speed: float | None = None, keep: Path | None = None
-) -> int:
-    """Run the demo; returns the process exit code.
+@contextlib.contextmanager
+def demo_setting(config: Path, keep: Path | None) -> Iterator[tuple[Config, int]]:
+    """A loopback mosquitto and a state folder, and `config` pointed at both.
+
+    Yields:
+        The configuration, and the broker's port.
 
     Raises:
         BrokerError: mosquitto is not installed or does not start.
@@ -79,15 +82,25 @@ async def run_demo(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="iomt-demo-"))
         )
         cfg = load_config(
-            config or DEMO_CONFIG,
-            gateway={"data_dir": str(state)},
-            mqtt={"port": broker.port},
+            config, gateway={"data_dir": str(state)}, mqtt={"port": broker.port}
         )
+        yield cfg, broker.port
+
+
+async def run_demo(
+    *, config: Path | None = None, speed: float | None = None, keep: Path | None = None
+) -> int:
+    """Run the demo; returns the process exit code.
+
+    Raises:
+        BrokerError: mosquitto is not installed or does not start.
+    """
+    with demo_setting(config or DEMO_CONFIG, keep) as (cfg, port):
         start = time.time() // 60 * 60
         timeline = Timeline(start)
         agent = Agent(cfg, clock=ManualClock(start), on_alert=timeline.delivered)
         timeline.clock = agent.clock
-        _header(broker.port, speed)
+        _header(port, speed)
         began = time.monotonic()
         await agent.start(live_ticks=False)
         try:

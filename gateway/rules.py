@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from gateway import news2
 from gateway.alarms import Action, AlarmEvent, Category, Evidence, Priority
@@ -286,32 +287,33 @@ class RuleEngine:
     def _stale_event(
         self, device_id: str, stream: _Stream, action: Action, at: float
     ) -> AlarmEvent:
-        after, priority = self._staleness(stream)
-        subject = stream.patient_ref or stream.room or "-"
-        return AlarmEvent(
-            condition=f"{subject}/{device_id}/stale",
-            action=action,
-            category=Category.TECHNICAL,
-            priority=priority,
-            reason=f"no data from the device for {after:.0f} s",
-            at=at,
-            patient_ref=stream.patient_ref,
-            room=stream.room,
-            device_id=device_id,
-        )
+        return self._device_event(device_id, stream, action, at, "stale")
 
     def _down_event(
         self, device_id: str, stream: _Stream, action: Action, at: float
     ) -> AlarmEvent:
+        return self._device_event(device_id, stream, action, at, "disconnected")
+
+    def _device_event(
+        self,
+        device_id: str,
+        stream: _Stream,
+        action: Action,
+        at: float,
+        condition: Literal["stale", "disconnected"],
+    ) -> AlarmEvent:
         after, priority = self._staleness(stream)
+        subject = stream.patient_ref or stream.room or "-"
+        what = "no data from the device" if condition == "stale" else "disconnected"
         return AlarmEvent(
-            condition=f"{stream.patient_ref or '-'}/{device_id}/disconnected",
+            condition=f"{subject}/{device_id}/{condition}",
             action=action,
             category=Category.TECHNICAL,
             priority=priority,
-            reason=f"wearable disconnected for {after:.0f} s",
+            reason=f"{what} for {after:.0f} s",
             at=at,
             patient_ref=stream.patient_ref,
+            room=stream.room,
             device_id=device_id,
         )
 

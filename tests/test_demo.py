@@ -74,7 +74,7 @@ def test_ble_demo_shows_every_alarm_path(tmp_path: Path) -> None:
     assert set(reasons[2:]) == {
         "Heart rate: sensor off: the device reports no measurement",
         "Heart rate: no skin contact",
-        "wearable disconnected for 10 s",
+        "disconnected for 10 s",
         "no data from the device for 10 s",
     }
     with sqlite3.connect(tmp_path / "readings.db") as db:
