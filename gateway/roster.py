@@ -3,6 +3,10 @@
 The file is the operator's: a new `[[devices]]` entry is appended as text, so their
 comments and layout stay as they wrote them, and the result is validated before it
 replaces the file (atomically, by rename).
+
+TODO(ble): `pair` does not bond yet. Wearables that require bonding (encrypted
+characteristics) need BlueZ's pairing agent, which bleak reaches only through
+`BleakClient.pair()` on a live adapter; untestable without one here.
 """
 
 from __future__ import annotations

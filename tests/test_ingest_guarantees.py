@@ -237,10 +237,12 @@ def test_broker_restart_mid_stream_loses_nothing_and_stores_no_duplicate(
     proc = agent()
     wait_until(lambda: retained(broker, "iomt/gw-ingest/status/ingest") == b"online")
     publisher = Publisher(broker)
+    # Recent sensor times: older than 7 days would be quarantined, not stored.
+    first_ts = int(time.time()) - 3600
     for i in range(3000):
         if i == 1500:
             broker.restart()
-        payload = b'{"ts": %d, "value": %d.5}' % (1_700_000_000 + i, i % 60)
+        payload = b'{"ts": %d, "value": %d.5}' % (first_ts + i, i % 60)
         publisher.send("ward/4/temperature", payload)
     publisher.wait_all()
     wait_until(lambda: db_counts(db)[0] >= 3000, timeout=40, what="all stored")
