@@ -12,7 +12,15 @@ for their persistent sessions by the same publisher:
 Then a paced run at `--rate` readings/s measures publish-to-stored latency (the
 sensor's timestamp is the publish time; "stored" is the commit callback).
 
+Both subscribers find the whole backlog already queued in their session, and the
+broker's inflight window (5000) exceeds what either leaves unacknowledged, so the
+figures are the subscribers' own, not the publisher's or the broker's. `--protocol`
+picks MQTT 5 (the agent's default) or 3.1.1 for both: paho decodes a Properties
+object for every MQTT 5 PUBLISH, which costs about a third of a bare subscriber's
+time.
+
 Usage: .venv/bin/python bench/ingest.py [--messages 50000] [--rate 1000]
+       [--protocol 5|4]
 """
 
 from __future__ import annotations
@@ -94,16 +102,29 @@ def run_publisher(
 # -- the two subscribers ------------------------------------------------------------
 
 
-def park_session(port: int, client_id: str) -> None:
-    """Create a persistent QoS-1 session, then leave: the broker queues for it."""
-    client = mqtt.Client(
+def _client(client_id: str, protocol: int) -> mqtt.Client:
+    v5 = protocol == 5
+    return mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        protocol=mqtt.MQTTv5,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else False,
     )
+
+
+def _connect_persistent(client: mqtt.Client, port: int, protocol: int) -> None:
+    if protocol != 5:
+        client.connect("127.0.0.1", port)  # clean_session=False: kept for ever
+        return
     props = mqtt.Properties(mqtt.PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
     client.connect("127.0.0.1", port, clean_start=False, properties=props)
+
+
+def park_session(port: int, client_id: str, protocol: int) -> None:
+    """Create a persistent QoS-1 session, then leave: the broker queues for it."""
+    client = _client(client_id, protocol)
+    _connect_persistent(client, port, protocol)
     client.loop_start()
     client.subscribe("ward/#", qos=1)[1]
     time.sleep(0.3)
@@ -111,7 +132,7 @@ def park_session(port: int, client_id: str) -> None:
     client.loop_stop()
 
 
-def bare_rate(port: int, client_id: str, count: int) -> float:
+def bare_rate(port: int, client_id: str, count: int, protocol: int) -> float:
     """Messages/s a paho client that only counts takes from its queued session."""
     done = threading.Event()
     seen = [0, 0.0]
@@ -122,14 +143,10 @@ def bare_rate(port: int, client_id: str, count: int) -> float:
             seen[1] = time.perf_counter()
             done.set()
 
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
+    client = _client(client_id, protocol)
     client.on_message = on_message
-    props = mqtt.Properties(mqtt.PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 3600
     start = time.perf_counter()
-    client.connect("127.0.0.1", port, clean_start=False, properties=props)
+    _connect_persistent(client, port, protocol)
     client.loop_start()
     done.wait(300)
     client.disconnect()
@@ -144,11 +161,13 @@ class NullAlarms:
         return None
 
 
-async def gateway_rate(port: int, client_id: str, count: int, db: Path) -> dict:
+async def gateway_rate(
+    port: int, client_id: str, count: int, db: Path, protocol: int
+) -> dict:
     """Readings/s the gateway's path commits, acking each after its commit."""
     with ReadingStore(db, batch_size=2000, flush_interval=0.01) as store:
         pipeline = _pipeline(store)
-        link, adapter = _adapter(port, client_id, pipeline.ingest, pipeline)
+        link, adapter = _adapter(port, client_id, pipeline.ingest, pipeline, protocol)
         start = time.perf_counter()
         await link.connect()
         while store.stats.committed + store.stats.duplicates < count:
@@ -164,7 +183,9 @@ async def gateway_rate(port: int, client_id: str, count: int, db: Path) -> dict:
         }
 
 
-async def latency(port: int, count: int, rate: float, db: Path, cpu: int) -> dict:
+async def latency(
+    port: int, count: int, rate: float, db: Path, cpu: int, protocol: int
+) -> dict:
     """Publish-to-stored latency at a paced rate (sensor timestamp = publish time)."""
     delays: list[float] = []
     with ReadingStore(db, batch_size=2000, flush_interval=0.01) as store:
@@ -177,7 +198,7 @@ async def latency(port: int, count: int, rate: float, db: Path, cpu: int) -> dic
 
             pipeline.ingest(reading, stored)
 
-        link, _ = _adapter(port, f"lat-{uuid.uuid4()}", ingest, pipeline)
+        link, _ = _adapter(port, f"lat-{uuid.uuid4()}", ingest, pipeline, protocol)
         await link.connect()
         await asyncio.sleep(0.5)
         publisher = run_publisher(port, count, cpu, rate=rate, timed=True)
@@ -204,8 +225,11 @@ def _pipeline(store: ReadingStore) -> Pipeline:
     return pipeline
 
 
-def _adapter(port, client_id, ingest, pipeline) -> tuple[MqttLink, RoomSensorAdapter]:
-    link = MqttLink(MqttSettings(port=port, client_id=client_id), manual_ack=True)
+def _adapter(
+    port, client_id, ingest, pipeline, protocol
+) -> tuple[MqttLink, RoomSensorAdapter]:
+    settings = MqttSettings(port=port, client_id=client_id, protocol=protocol)
+    link = MqttLink(settings, manual_ack=True)
     adapter = RoomSensorAdapter(
         link,
         RoomSensorDecoder(MAPS, clock=SystemClock()),
@@ -222,6 +246,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--latency-s", type=float, default=5.0)
+    parser.add_argument("--protocol", type=int, choices=(4, 5), default=5)
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     ours, other = cpus[0], cpus[-1]
@@ -232,12 +257,13 @@ def main() -> None:
         os.sched_setaffinity(broker._proc.pid, {other})
         os.sched_setaffinity(0, {ours})
         bare_id, gw_id = f"bare-{uuid.uuid4()}", f"gw-{uuid.uuid4()}"
-        park_session(broker.port, bare_id)
-        park_session(broker.port, gw_id)
+        park_session(broker.port, bare_id, args.protocol)
+        park_session(broker.port, gw_id, args.protocol)
         run_publisher(broker.port, args.messages, other).wait()
-        bare = bare_rate(broker.port, bare_id, args.messages)
+        bare = bare_rate(broker.port, bare_id, args.messages, args.protocol)
+        db = Path(tmp) / "a.db"
         gateway = asyncio.run(
-            gateway_rate(broker.port, gw_id, args.messages, Path(tmp) / "a.db")
+            gateway_rate(broker.port, gw_id, args.messages, db, args.protocol)
         )
         paced = asyncio.run(
             latency(
@@ -246,12 +272,14 @@ def main() -> None:
                 args.rate,
                 Path(tmp) / "b.db",
                 other,
+                args.protocol,
             )
         )
     print(
         json.dumps(
             {
                 "messages": args.messages,
+                "protocol": "5" if args.protocol == 5 else "3.1.1",
                 "cpus": {"gateway": ours, "broker_and_publisher": other},
                 "bare_paho_per_s": round(bare),
                 "gateway": gateway,
