@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -221,28 +219,6 @@ async def ack_over_mqtt(broker: LocalBroker, agent: Agent, cfg: Config) -> None:
 
 
 # -- the agent as a process, killed between outbox and delivery --------------------
-
-
-@pytest.fixture
-def agent_process(tmp_path: Path) -> Iterator[callable]:
-    procs: list[subprocess.Popen] = []
-
-    def start(config: Path) -> subprocess.Popen:
-        with (tmp_path / "agent.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "--config", str(config)],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def outbox_rows(path: Path) -> list[tuple]:

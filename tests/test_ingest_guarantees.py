@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,6 +36,7 @@ from gateway.paho import MqttLink, MqttSettings, read_credentials
 from gateway.readings import Kind, Reading
 from gateway.store import Delivery, ReadingStore
 from sensors.room import RoomSensorAdapter, RoomSensorDecoder, TopicMap
+from tests.conftest import AgentStarter
 from tests.waiting import until, wait_until
 
 pytestmark = pytest.mark.broker
@@ -140,32 +139,15 @@ kind = "room_temperature"
 
 @pytest.fixture
 def agent(
-    tmp_path: Path, broker: LocalBroker
-) -> Iterator[Callable[[], subprocess.Popen]]:
+    tmp_path: Path, broker: LocalBroker, agent_process: AgentStarter
+) -> Callable[[], subprocess.Popen]:
     config = tmp_path / "gateway.toml"
     config.write_text(
         AGENT_CONFIG.format(
             data_dir=tmp_path / "state", port=broker.port, tag=uuid.uuid4().hex[:8]
         )
     )
-    procs: list[subprocess.Popen] = []
-
-    def start() -> subprocess.Popen:
-        with (tmp_path / "agent.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "--config", str(config)],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return lambda: agent_process(config)
 
 
 def stop(proc: subprocess.Popen) -> None:
