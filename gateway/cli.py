@@ -102,6 +102,23 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument("--json", action="store_true", help="one JSON object per line")
     alerts.set_defaults(func=_cmd_alerts)
 
+    privacy = sub.add_parser("privacy", help="the privacy budget: spent, left, rounds")
+    privacy.add_argument("--config", required=True, type=Path)
+    privacy.add_argument("--json", action="store_true", help="print JSON")
+    privacy.set_defaults(func=_cmd_privacy)
+
+    model = sub.add_parser("model", help="the on-device model")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    evaluate = model_sub.add_parser(
+        "evaluate", help="AUROC per record on beat-annotation CSV pairs"
+    )
+    evaluate.add_argument("dir", type=Path, help="folder of <rec>_all.csv, _pvc.csv")
+    evaluate.add_argument(
+        "--config", type=Path, default=None, help="use the model installed there"
+    )
+    evaluate.add_argument("--model", type=Path, default=None, help="a .tflite file")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
     scan = sub.add_parser("scan", help="list nearby BLE devices")
     scan.add_argument("--timeout", type=float, default=10.0, help="seconds to listen")
     scan.add_argument(
@@ -283,6 +300,83 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) 
     with contextlib.suppress(asyncio.CancelledError):
         await task
     return not stop.is_set()
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.learning.privacy import PrivacyAccount
+
+    cfg = load_config(args.config)
+    learning = cfg.learning
+    account = PrivacyAccount(
+        cfg.path(learning.privacy_file),
+        epsilon_max=learning.epsilon_max,
+        delta=learning.delta,
+    )
+    try:
+        spent, rounds = account.spent(), account.history()
+    finally:
+        account.close()
+    if args.json:
+        print(
+            json.dumps(
+                privacy_dict(spent, rounds, learning.epsilon_max, learning.delta)
+            )
+        )
+        return ExitCode.OK
+    print(
+        f"epsilon spent {spent:.3f} of {learning.epsilon_max:g} "
+        f"(delta {learning.delta:g}); left {max(0.0, learning.epsilon_max - spent):.3f}"
+    )
+    for r in rounds:
+        print(
+            f"round {r.id}  {r.status:<8}  sigma {r.noise_multiplier:.3f}  "
+            f"q {r.sample_rate:.4f}  steps {r.steps}  "
+            f"epsilon after {r.epsilon_after:.3f}"
+        )
+    return ExitCode.OK
+
+
+def privacy_dict(
+    spent: float, rounds: Sequence[Any], epsilon_max: float, delta: float
+) -> dict[str, object]:
+    """The privacy account as JSON-ready data."""
+    return {
+        "epsilon_spent": spent,
+        "epsilon_max": epsilon_max,
+        "delta": delta,
+        "epsilon_left": max(0.0, epsilon_max - spent),
+        "rounds": [
+            {
+                "id": r.id,
+                "status": r.status,
+                "noise_multiplier": r.noise_multiplier,
+                "sample_rate": r.sample_rate,
+                "steps": r.steps,
+                "epsilon_after": r.epsilon_after,
+            }
+            for r in rounds
+        ],
+    }
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from gateway.evaluate import evaluate
+
+    model = args.model
+    if model is None and args.config is not None:
+        from gateway.config import load_config
+
+        cfg = load_config(args.config)
+        installed = cfg.path(cfg.learning.models_dir) / "current.tflite"
+        model = installed if installed.exists() else None
+    try:
+        result = evaluate(args.dir, model)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(json.dumps(result))
+    return ExitCode.OK
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:

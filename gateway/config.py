@@ -202,6 +202,16 @@ class AlertsSection(_Section):
         return targets
 
 
+class LearningSection(_Section):
+    """`[learning]`: on-device learning's model store and privacy budget."""
+
+    models_dir: Path = Path("models")
+    privacy_file: Path = Path("privacy.db")
+    epsilon_max: float = Field(8.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    arch: Literal["linear", "mlp"] = "linear"
+
+
 class PatientSection(_Section):
     """`[[patients]]`: one roster entry; the ref is pseudonymous."""
 
@@ -272,6 +282,7 @@ class Config(_Section):
     rules: RulesSection = RulesSection()
     rooms: RoomsSection = RoomsSection()
     alerts: AlertsSection = AlertsSection()
+    learning: LearningSection = LearningSection()
     patients: list[PatientSection] = []
     devices: list[DeviceSection] = []
     replay: list[ReplaySection] = []

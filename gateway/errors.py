@@ -19,6 +19,10 @@ code  name                       what the operator does next
 40    DECODE_FAILED              (decode command) the payload is malformed
 50    BLE_UNAVAILABLE            start bluetoothd and D-Bus; check the adapter
                                  (`bluetoothctl show`)
+60    MODEL_INVALID              the model file is missing or unusable; the previous
+                                 one stays installed (`model evaluate` checks one)
+61    PRIVACY_BUDGET_EXCEEDED    the round would overspend epsilon_max: nothing ran;
+                                 `iomt-gateway privacy` shows what is left
 ====  =========================  ==================================================
 """
 
@@ -40,6 +44,8 @@ class ExitCode(enum.IntEnum):
     BROKER_UNREACHABLE = 30
     DECODE_FAILED = 40
     BLE_UNAVAILABLE = 50
+    MODEL_INVALID = 60
+    PRIVACY_BUDGET_EXCEEDED = 61
 
 
 class GatewayError(Exception):
