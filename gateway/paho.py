@@ -126,7 +126,8 @@ class MqttLink:
             raise BrokerError(s.host, s.port, str(exc)) from exc
         self._client.loop_start()
         try:
-            await asyncio.wait_for(self.connected.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.connected.wait()
         except TimeoutError as exc:
             await self.close()
             raise BrokerError(s.host, s.port, f"no connection in {timeout} s") from exc

@@ -202,8 +202,12 @@ def _translated(address: str | None) -> Iterator[None]:
 async def _bounded(
     coro: Coroutine[Any, Any, T], timeout: float, address: str | None
 ) -> T:
+    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+    # that arrives as the inner call finishes (CPython gh-86296), and then a link
+    # task cannot be stopped.
     with _translated(address):
-        return await asyncio.wait_for(coro, timeout)
+        async with asyncio.timeout(timeout):
+            return await coro
 
 
 class BleakConnection:

@@ -268,7 +268,8 @@ class WearableLink:
                 next_battery = loop.time() + self.spec.battery_every_s
             wait = min(_LIVENESS_S, max(0.0, next_battery - loop.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), wait or _LIVENESS_S)
+                async with asyncio.timeout(wait or _LIVENESS_S):
+                    await lost.wait()
 
     async def _read_battery(self, conn: Connection) -> None:
         data = await self._bounded(conn.read(BATTERY_UUID), GATT_TIMEOUT_S)
@@ -284,7 +285,8 @@ class WearableLink:
             self.sink.link_state(conn.address, self.spec.patient_ref, False)
         if conn.is_connected:
             with contextlib.suppress(BleError, TimeoutError):
-                await asyncio.wait_for(conn.disconnect(), GATT_TIMEOUT_S)
+                async with asyncio.timeout(GATT_TIMEOUT_S):
+                    await conn.disconnect()
 
     # -- state and failures ---------------------------------------------------------
 
@@ -329,8 +331,11 @@ class WearableLink:
             self.state = state
 
     async def _bounded(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+        # cancellation (CPython gh-86296) and the link could not be stopped.
         try:
-            return await asyncio.wait_for(coro, timeout)
+            async with asyncio.timeout(timeout):
+                return await coro
         except TimeoutError as exc:
             raise BleError(
                 self.spec.address,
