@@ -165,8 +165,14 @@ class MqttLink:
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        # Not under our lock: paho calls on_publish holding its own message lock,
+        # and on_publish takes ours; publishing under ours would invert the order.
+        # A PUBACK that beats the bookkeeping below is kept in `_early`.
+        # TODO(mqtt): `_early` also collects PUBACKs of the status messages
+        # published from on_connect; once message ids wrap (65,535 publishes) a
+        # reused id could complete a publish before its own PUBACK.
+        info = self._client.publish(topic, payload, qos, retain)
         with self._lock:
-            info = self._client.publish(topic, payload, qos, retain)
             if qos == 0 or info.mid in self._early:
                 self._early.discard(info.mid)
                 fut.set_result(None)
