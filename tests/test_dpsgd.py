@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -220,27 +221,30 @@ def test_baseline_spends_nothing(account):
     assert account.history() == []
 
 
-def test_job_trains_in_a_child_without_torch_in_the_parent(tmp_path):
+def job_config(tmp_path, **overrides: object) -> dict[str, object]:
+    """A training job on synthetic data written to `tmp_path`."""
     X, y = synthetic()
     np.savez(tmp_path / "data.npz", X=X, y=y)
-    config = {
+    return {
         "data": str(tmp_path / "data.npz"),
         "out": str(tmp_path / "w.npz"),
         "account": str(tmp_path / "p.db"),
-        "epsilon_max": 20.0,
         "delta": DELTA,
-        "arch": "linear",
-        "epochs": 2,
         "batch_size": 12,
         "lr": 0.5,
         "noise_multiplier": 1.0,
+        **overrides,
     }
+
+
+def test_job_trains_in_a_child_without_torch_in_the_parent(tmp_path):
+    config = job_config(tmp_path, epsilon_max=20.0, arch="linear", epochs=2)
     # A fresh interpreter: this test module itself imports torch.
     code = (
         "import json, sys\n"
         "from gateway.learning.job import run_training\n"
         "seen = []\n"
-        f"result = run_training(json.loads({str(__import__('json').dumps(config))!r}),"
+        f"result = run_training(json.loads({json.dumps(config)!r}),"
         " on_progress=seen.append)\n"
         "print(json.dumps([result, len(seen), 'torch' in sys.modules]))\n"
     )
@@ -251,7 +255,7 @@ def test_job_trains_in_a_child_without_torch_in_the_parent(tmp_path):
         check=True,
         timeout=120,
     )
-    result, n_progress, torch_loaded = __import__("json").loads(out.stdout)
+    result, n_progress, torch_loaded = json.loads(out.stdout)
     assert torch_loaded is False
     assert n_progress == 2
     with np.load(result["weights"]) as weights:
@@ -260,19 +264,7 @@ def test_job_trains_in_a_child_without_torch_in_the_parent(tmp_path):
 
 
 def test_job_reports_budget_exceeded_in_the_parent(tmp_path):
-    X, y = synthetic()
-    np.savez(tmp_path / "data.npz", X=X, y=y)
-    config = {
-        "data": str(tmp_path / "data.npz"),
-        "out": str(tmp_path / "w.npz"),
-        "account": str(tmp_path / "p.db"),
-        "epsilon_max": 0.5,
-        "delta": DELTA,
-        "epochs": 5,
-        "batch_size": 12,
-        "lr": 0.5,
-        "noise_multiplier": 0.5,
-    }
+    config = job_config(tmp_path, epsilon_max=0.5, epochs=5, noise_multiplier=0.5)
     with pytest.raises(BudgetExceeded) as refused:
         run_training(config)
     assert refused.value.left == 0.5

@@ -147,12 +147,21 @@ def agent(
             data_dir=tmp_path / "state", port=broker.port, tag=uuid.uuid4().hex[:8]
         )
     )
-    return lambda: agent_process(config)
+
+    def start() -> subprocess.Popen:
+        proc = agent_process(config)
+        wait_until(lambda: retained(broker, STATUS) == b"online", what="agent online")
+        return proc
+
+    return start
 
 
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+STATUS = "iomt/gw-ingest/status/ingest"
 
 
 def retained(broker: LocalBroker, topic: str) -> bytes | None:
@@ -185,7 +194,6 @@ def test_sigkill_mid_stream_then_every_reading_stored_exactly_once(
     # can tell a redelivery (after commit, before PUBACK) from a new reading.
     db = tmp_path / "state" / "readings.db"
     first = agent()
-    wait_until(lambda: retained(broker, "iomt/gw-ingest/status/ingest") == b"online")
     publisher = Publisher(broker)
     sender = threading.Thread(
         target=lambda: [publisher.send("ward/3/co2", b"%d" % i) for i in range(5000)]
@@ -199,7 +207,7 @@ def test_sigkill_mid_stream_then_every_reading_stored_exactly_once(
     killed_at = db_counts(db)[0]
 
     assert integrity(db) == "ok"
-    assert retained(broker, "iomt/gw-ingest/status/ingest") == b"offline"
+    assert retained(broker, STATUS) == b"offline"
     second = agent()
     wait_until(lambda: db_counts(db)[0] >= 5000, timeout=120, what="all stored")
     time.sleep(1.0)  # would a redelivered copy still add a row?
@@ -224,7 +232,6 @@ def test_broker_restart_mid_stream_loses_nothing_and_stores_no_duplicate(
 ) -> None:
     db = tmp_path / "state" / "readings.db"
     proc = agent()
-    wait_until(lambda: retained(broker, "iomt/gw-ingest/status/ingest") == b"online")
     publisher = Publisher(broker)
     # Recent sensor times: older than 7 days would be quarantined, not stored.
     first_ts = int(time.time()) - 3600
@@ -253,7 +260,6 @@ def test_broker_down_a_minute_agent_reconnects_and_queued_readings_arrive(
 ) -> None:
     db = tmp_path / "state" / "readings.db"
     proc = agent()
-    wait_until(lambda: retained(broker, "iomt/gw-ingest/status/ingest") == b"online")
     publisher = Publisher(broker)
     for i in range(100):
         publisher.send("ward/5/co2", b"%d" % i)

@@ -18,11 +18,15 @@ Byte layouts from the Bluetooth SIG GATT Specification Supplement (GSS):
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from gateway.readings import Kind, Quality, Reading
 from sensors.ble.ieee11073 import Medfloat, read_float, read_sfloat
 from sensors.errors import DecodeError
+
+T = TypeVar("T")
 
 BATTERY_LEVEL_UUID = "2a19"
 BODY_SENSOR_LOCATION_UUID = "2a38"
@@ -186,9 +190,7 @@ class FieldReader:
         Raises:
             DecodeError: Fewer than 2 bytes are left.
         """
-        value = read_sfloat(self.data, self.offset, self.source)
-        self.offset += 2
-        return value
+        return self._field(read_sfloat, 2)
 
     def float(self) -> Medfloat:
         """The next FLOAT.
@@ -196,9 +198,7 @@ class FieldReader:
         Raises:
             DecodeError: Fewer than 4 bytes are left.
         """
-        value = read_float(self.data, self.offset, self.source)
-        self.offset += 4
-        return value
+        return self._field(read_float, 4)
 
     def date_time(self) -> DateTime:
         """The next Date Time field.
@@ -206,8 +206,11 @@ class FieldReader:
         Raises:
             DecodeError: Fewer than 7 bytes are left, or the date is invalid.
         """
-        value = read_date_time(self.data, self.offset, self.source)
-        self.offset += DATE_TIME_SIZE
+        return self._field(read_date_time, DATE_TIME_SIZE)
+
+    def _field(self, read: Callable[[bytes, int, str], T], size: int) -> T:
+        value = read(self.data, self.offset, self.source)
+        self.offset += size
         return value
 
     def _take(self, size: int, what: str) -> bytes:
