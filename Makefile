@@ -28,7 +28,7 @@ format: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,learning]'
+	$(BIN)/pip install --quiet -e '.[dev,learning,federation]'
 	touch $@
 
 # The demo and the tests start their own mosquitto on a free loopback port and stop it
