@@ -47,7 +47,7 @@ from gateway.readings import Kind, Quality, Reading
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in `PRAGMA user_version`; `_MIGRATIONS[n]` takes version n to n + 1."""
 
 _SCHEMA_V1 = (
@@ -83,7 +83,24 @@ _SCHEMA_V2 = (
         received_at REAL NOT NULL
     )""",
 )
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2)
+# v3: label spans for on-device learning, from beat annotations (evaluation, the
+# demo) or from the ERT's verdict when acknowledging an alert (a live gateway).
+_SCHEMA_V3 = (
+    """CREATE TABLE labels (
+        id INTEGER PRIMARY KEY,
+        patient_ref TEXT NOT NULL,
+        start REAL NOT NULL,
+        end REAL NOT NULL,
+        positive INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        alert_id TEXT,
+        created_at REAL NOT NULL,
+        CHECK (end >= start),
+        UNIQUE (patient_ref, start, end, source)
+    )""",
+    "CREATE INDEX labels_patient ON labels (patient_ref, start)",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 DELIVERIES_KEPT = 100_000
 """Message identities kept for recognising redeliveries. Only a message committed
@@ -105,6 +122,14 @@ _PRUNE_DELIVERIES = (
 )
 _INSERT_QUARANTINE = (
     "INSERT INTO quarantine (received_at, source, reason, payload) VALUES (?, ?, ?, ?)"
+)
+_INSERT_LABEL = (
+    "INSERT OR REPLACE INTO labels (patient_ref, start, end, positive, source,"
+    " alert_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_LABELS = (
+    "SELECT patient_ref, start, end, positive, source, alert_id FROM labels"
+    " WHERE patient_ref = ? ORDER BY start, id"
 )
 _SELECT_READINGS = (
     "SELECT device_id, kind, value, measured_at, patient_ref, room, quality"
@@ -167,6 +192,29 @@ class QuarantineEntry:
     source: str
     reason: str
     payload: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSpan:
+    """A stretch of a patient's time known to be irregular rhythm, or known not to be.
+
+    Attributes:
+        patient_ref: Pseudonymous patient ref.
+        start: Span start (epoch seconds, inclusive).
+        end: Span end (inclusive).
+        positive: True for a ventricular ectopic beat or a confirmed alert; False
+            for stretches known to be free of them (an annotated record, a false
+            alarm).
+        source: "annotation" (reference beat labels) or "ert" (an alert's outcome).
+        alert_id: The alert whose outcome this is, for "ert" labels.
+    """
+
+    patient_ref: str
+    start: float
+    end: float
+    positive: bool
+    source: str
+    alert_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -403,6 +451,21 @@ class ReadingStore:
         )
         return deleted
 
+    def add_labels(
+        self, spans: Sequence[LabelSpan], timeout: float | None = None
+    ) -> None:
+        """Store label spans (a span stored again with its key is replaced).
+
+        Blocks until committed: call it from a worker thread, not the event loop.
+
+        Raises:
+            StoreError: The store is not open or the write failed.
+            ValueError: A span ends before it starts.
+        """
+        now = self._clock.now()
+        rows = [_label_row(span, now) for span in spans]
+        self._call(partial(_insert_labels, rows=rows), timeout)
+
     def pragmas(self) -> dict[str, int | str]:
         """The write connection's settings as SQLite reports them (for checks).
 
@@ -470,6 +533,19 @@ class ReadingStore:
         with self._reader() as conn:
             rows = conn.execute(sql, tuple(given.values())).fetchall()
         return [_reading_from_row(row) for row in rows]
+
+    def labels(self, patient_ref: str) -> list[LabelSpan]:
+        """A patient's label spans, ordered by start.
+
+        Raises:
+            StoreError: The database cannot be read.
+        """
+        with self._reader() as conn:
+            rows = conn.execute(_SELECT_LABELS, (patient_ref,)).fetchall()
+        return [
+            LabelSpan(ref, start, end, bool(positive), source, alert_id)
+            for ref, start, end, positive, source, alert_id in rows
+        ]
 
     def count(self) -> int:
         """Number of stored readings.
@@ -872,6 +948,25 @@ def _delete_older_than(conn: sqlite3.Connection, cutoff: float) -> int:
         # Old page images in the WAL still hold the deleted rows until it is reset.
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return deleted
+
+
+def _label_row(span: LabelSpan, created_at: float) -> tuple[Any, ...]:
+    if not span.end >= span.start:
+        raise ValueError(f"label span ends before it starts ({span.source})")
+    return (
+        span.patient_ref,
+        span.start,
+        span.end,
+        int(span.positive),
+        span.source,
+        span.alert_id,
+        created_at,
+    )
+
+
+def _insert_labels(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    with _transaction(conn):
+        conn.executemany(_INSERT_LABEL, rows)
 
 
 def _read_pragmas(conn: sqlite3.Connection) -> dict[str, int | str]:
