@@ -23,6 +23,11 @@ code  name                       what the operator does next
                                  one stays installed (`model evaluate` checks one)
 61    PRIVACY_BUDGET_EXCEEDED    the round would overspend epsilon_max: nothing ran;
                                  `iomt-gateway privacy` shows what is left
+62    TRAINING_DATA_MISSING      too few labelled windows of consenting patients
+                                 for a round; nothing ran, nothing was spent
+70    AUDIT_TAMPERED             `audit verify` found the audit trail changed: keep
+                                 the file as evidence, report it to the data
+                                 protection officer
 ====  =========================  ==================================================
 """
 
@@ -46,6 +51,8 @@ class ExitCode(enum.IntEnum):
     BLE_UNAVAILABLE = 50
     MODEL_INVALID = 60
     PRIVACY_BUDGET_EXCEEDED = 61
+    TRAINING_DATA_MISSING = 62
+    AUDIT_TAMPERED = 70
 
 
 class GatewayError(Exception):

@@ -11,6 +11,7 @@ characteristics) need BlueZ's pairing agent, which bleak reaches only through
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def add_device(
@@ -49,7 +52,21 @@ def add_device(
     entry = _entry(address, patient, profiles, model)
     text = path.read_text(encoding="utf-8")
     new_text = text + ("" if text.endswith("\n") else "\n") + entry
-    return _replace_validated(path, new_text)
+    config = _replace_validated(path, new_text)
+    _audit_pairing(config, address, patient)
+    return config
+
+
+def _audit_pairing(config: Config, address: str, patient: str) -> None:
+    from gateway.audit import AuditLog, config_digest
+
+    if not config.gateway.data_dir.is_dir():
+        # Not installed here yet: the agent's first start records the config hash.
+        log.warning("no data directory yet; the pairing is not in the audit trail")
+        return
+    with AuditLog.for_config(config) as audit:
+        details = {"device_id": address, "config_sha256": config_digest(config)}
+        audit.record("device.paired", ref=patient, details=details)
 
 
 def _entry(
