@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import stat
 import threading
 from collections.abc import Callable
@@ -130,7 +131,8 @@ class MqttLink:
                 await self.connected.wait()
         except TimeoutError as exc:
             await self.close()
-            raise BrokerError(s.host, s.port, f"no connection in {timeout} s") from exc
+            reason = tls_problem(self) or f"no connection in {timeout} s"
+            raise BrokerError(s.host, s.port, reason) from exc
 
     async def close(self) -> None:
         """Disconnect cleanly and stop the network thread."""
@@ -214,10 +216,10 @@ class MqttLink:
             username, password = read_credentials(Path(s.credentials_file))
         if username:
             client.username_pw_set(username, password)
+        self._tls: _TlsContext | None = None
         if s.tls_ca_file:
-            client.tls_set(
-                ca_certs=s.tls_ca_file, certfile=s.tls_cert_file, keyfile=s.tls_key_file
-            )
+            self._tls = tls_context(s)
+            client.tls_set_context(self._tls)
         if s.will_topic:
             client.will_set(s.will_topic, s.will_payload, qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -372,3 +374,109 @@ def read_credentials(path: Path) -> tuple[str, str]:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("MQTT credentials file %s is readable by others; chmod 600", path)
     return username, password
+
+
+# -- TLS ---------------------------------------------------------------------------
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    """A client TLS context: TLS 1.2 or later, the configured CA only, host checked.
+
+    The system's CA store is not loaded, so the broker's certificate must chain to
+    `tls_ca_file` (the CA is pinned): one issued by any other CA, public ones
+    included, is refused. The certificate must also name `host` (a DNS or IP
+    subject alternative name). A client certificate is shown when `tls_cert_file`
+    is set (mutual TLS).
+
+    Raises:
+        ConfigUnreadableError: A CA, certificate or key file cannot be read or used.
+    """
+    context = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=settings.tls_ca_file)
+        if settings.tls_cert_file:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        raise ConfigUnreadableError(
+            f"[mqtt] TLS files {settings.tls_ca_file}, {settings.tls_cert_file}, "
+            f"{settings.tls_key_file}: cannot use them ({reason}); check the paths, "
+            "that they are PEM, and that the key matches the certificate"
+        ) from exc
+    return context
+
+
+def tls_problem(link: MqttLink) -> str | None:
+    """What went wrong in the link's last TLS handshake, or None if nothing did.
+
+    paho retries a failed connection by itself and keeps the reason to itself;
+    this is the reason, in words an operator can act on.
+    """
+    return link._tls.problem if link._tls is not None else None
+
+
+class _TlsContext(ssl.SSLContext):
+    """An SSL context that remembers why the last handshake with it failed."""
+
+    problem: str | None = None
+
+    def note(self, exc: ssl.SSLError | None) -> None:
+        problem = None if exc is None else _tls_reason(exc)
+        if problem is not None and problem != self.problem:
+            log.warning("MQTT TLS: %s", problem)
+        self.problem = problem
+
+
+class _TlsSocket(ssl.SSLSocket):
+    """Reports TLS failures to its context (paho only retries on them)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            _note(self.context, exc)
+            # paho drops the socket without closing it when the handshake fails,
+            # leaving one open file per retry until the garbage collector runs.
+            self.close()
+            raise
+        _note(self.context, None)
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        # Under TLS 1.3 a server refuses a missing client certificate after the
+        # client has finished its handshake: the alert arrives on the first read.
+        try:
+            return super().recv(buflen, flags)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            if "CERTIFICATE" in (exc.reason or ""):
+                _note(self.context, exc)
+            raise
+
+
+_TlsContext.sslsocket_class = _TlsSocket
+
+
+def _note(context: ssl.SSLContext, exc: ssl.SSLError | None) -> None:
+    if isinstance(context, _TlsContext):
+        context.note(exc)
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"certificate problem: the broker's certificate is not trusted "
+            f"({exc.verify_message}); mqtt.tls_ca_file must be the CA that signed "
+            "it, and mqtt.host a name or address the certificate carries"
+        )
+    reason = (exc.reason or type(exc).__name__).lower().replace("_", " ")
+    if "certificate" in reason:
+        return (
+            f"certificate problem: the broker refused us ({reason}); it may require "
+            "a client certificate: set mqtt.tls_cert_file and mqtt.tls_key_file "
+            "to one signed by a CA it trusts"
+        )
+    return f"TLS handshake failed ({reason})"
