@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from gateway.alarms import Action, AlarmEvent
 from gateway.clock import Clock
@@ -55,6 +55,14 @@ class AlertStats:
     acks_malformed: int = 0
     acks_unknown: int = 0
     escalated: int = 0
+
+
+class AlertObserver(Protocol):
+    """Watches alerts for metrics: what happened, to which alert, at which target."""
+
+    def alert_event(self, what: str, alert: Alert, target: str | None = None) -> None:
+        """`what` is "raised", "delivered", "acknowledged" or "escalated"."""
+        ...
 
 
 def backoff_delay(
@@ -125,6 +133,7 @@ class AlertManager:
         self._retry_max_s = retry_max_s
         self._on_alert = on_alert
         self.stats = AlertStats()
+        self.observers: list[AlertObserver] = []
         self._wake = asyncio.Event()
         self._raise_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -189,6 +198,7 @@ class AlertManager:
             self.stats.superseded += 1
             log.info("alert %s supersedes %s", alert.id, supersedes)
         log.info("alert %s raised, priority %s", alert.id, alert.priority.label)
+        self._observe("raised", alert)
         self._wake.set()
         return alert
 
@@ -217,6 +227,9 @@ class AlertManager:
         if changed:
             self.stats.acknowledged += 1
             log.info("alert %s acknowledged", alert_id)
+            if self.observers:
+                record = await self._db(self._outbox.get, alert_id)
+                self._observe("acknowledged", record.alert if record else None)
         elif await self._db(self._outbox.get, alert_id) is None:
             self.stats.acks_unknown += 1
             log.warning("acknowledgement for an unknown alert id %.40r", alert_id)
@@ -273,6 +286,7 @@ class AlertManager:
         if escalated:
             self.stats.escalated += 1
             log.info("alert %s escalated, priority %s", alert.id, alert.priority.label)
+            self._observe("escalated", alert)
             self._wake.set()
 
     # -- delivery -------------------------------------------------------------
@@ -349,6 +363,7 @@ class AlertManager:
             " (escalation)" if alert.escalation else "",
             alert.priority.label,
         )
+        self._observe("delivered", alert, target)
         self._notify_delivered(alert, target)
 
     async def _failed(self, delivery: Delivery, error: str) -> None:
@@ -365,6 +380,18 @@ class AlertManager:
             error,
             delay,
         )
+
+    def _observe(
+        self, what: str, alert: Alert | None, target: str | None = None
+    ) -> None:
+        if alert is None:
+            return
+        for observer in self.observers:
+            try:
+                observer.alert_event(what, alert, target)
+            except Exception:
+                # Metrics must never stand between an alarm and the ERT.
+                log.exception("alert observer failed on %s", what)
 
     def _notify_delivered(self, alert: Alert, target: str) -> None:
         if self._on_alert is None:
