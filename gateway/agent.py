@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -16,15 +17,22 @@ from pathlib import Path
 
 from gateway.alerts import AlertManager
 from gateway.apprise_push import AppriseNotifier
+from gateway.audit import audit_alerts
 from gateway.clock import Clock, ManualClock, SystemClock
 from gateway.config import Config, ReplaySection
 from gateway.errors import ConfigError, DeliveryError, StoreError
+from gateway.metrics import Metrics
 from gateway.notify import MQTT_TARGET, Alert, MqttNotifier, Notifier
 from gateway.outbox import Outbox
 from gateway.paho import MqttLink, MqttSettings
 from gateway.pipeline import Pipeline
 from gateway.rules import RuleEngine
+from gateway.scoring import RhythmScorer
+from gateway.sdnotify import ServiceNotifier
+from gateway.status import STATUS_FILE, Activity, gauges, write_forever
 from gateway.store import ReadingStore
+from gateway.vault import labels as vault_labels
+from models import INITIAL_PATH
 from sensors.ble.bleak_central import BleakCentral, Central
 from sensors.ble.link import WearableLink, WearableSpec
 from sensors.errors import DecodeError
@@ -78,8 +86,13 @@ class Agent:
         self.outbox: Outbox
         self.alerts: AlertManager
         self.pipeline: Pipeline
+        self.scorer: RhythmScorer | None = None
         self.room: RoomSensorAdapter | None = None
         self._alert_link: MqttLink | None = None
+        self.systemd = ServiceNotifier.from_environment()
+        self.links: dict[str, MqttLink] = {}
+        self.activity = Activity(self.clock)
+        self.metrics: Metrics | None = None
         self._wearers = {d.id: d.patient for d in config.devices} | {
             r.device: r.patient for r in config.replay if r.patient
         }
@@ -109,22 +122,28 @@ class Agent:
         self._alert_link = await self._connect(
             self._settings("alerts"), manual_ack=False
         )
+        self.links["alerts"] = self._alert_link
         self.alerts = self._alert_manager(self._alert_link)
+        self._stack.enter_context(audit_alerts(cfg, self.alerts))
         await self.alerts.start()
         self._stack.push_async_callback(self.alerts.stop)
         prefix = cfg.alerts.topic_prefix
         self._alert_link.subscribe(f"{prefix}/ack/+", self.alerts.ack_handler())
 
+        self.scorer = self._rhythm_scorer()
         self.pipeline = Pipeline(
-            self.store, self._rule_engine(), self.alerts, self.clock
+            self.store, self._rule_engine(), self.alerts, self.clock, self.scorer
         )
         self.pipeline.start()
         self._stack.push_async_callback(self.pipeline.stop)
+        self._start_operator_view()
         await self._start_room_sensors()
         self._start_wearables()
         if live_ticks:
             self._spawn(self._tick_forever(), "rules-tick")
         self._spawn(self._retention_forever(), "store-retention")
+        # READY and WATCHDOG come from the loop itself: a stuck loop goes silent.
+        self._spawn(self.systemd.run(self._status_line), "systemd-notify")
         log.info("gateway %s running", cfg.gateway.id)
 
     async def stop(self) -> None:
@@ -132,6 +151,7 @@ class Agent:
 
         Alerts not yet delivered stay in the outbox for the next start.
         """
+        self.systemd.stopping()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -213,6 +233,16 @@ class Agent:
         self._stack.callback(store.close)
         return store
 
+    def _rhythm_scorer(self) -> RhythmScorer | None:
+        learning = self.config.learning
+        if not learning.scoring:
+            return None
+        return RhythmScorer.from_models_dir(
+            self.config.path(learning.models_dir),
+            fallback=INITIAL_PATH,
+            stride=learning.score_every_beats,
+        )
+
     def _rule_engine(self) -> RuleEngine:
         defaults, patients = self.config.patient_rules()
         return RuleEngine(defaults, patients, self.config.rooms.to_rules())
@@ -232,7 +262,7 @@ class Agent:
         def notifier_for(target: str) -> Notifier:
             return mqtt_notifier if target == MQTT_TARGET else apprise_notifier
 
-        labels = self.config.labels()
+        labels = vault_labels(self.config)
         return AlertManager(
             self.outbox,
             notifier_for,
@@ -273,15 +303,30 @@ class Agent:
         # Subscribe before connecting: the link then subscribes from its network
         # thread on CONNACK, and again on every reconnect.
         link = MqttLink(self._settings("ingest"), manual_ack=True)
+        self.links["ingest"] = link
         self.room = RoomSensorAdapter(
             link,
             decoder,
-            ingest=self.pipeline.ingest,
+            ingest=functools.partial(self.pipeline.ingest, source="mqtt"),
             quarantine=self.pipeline.quarantine,
         )
         self.room.start()
         await link.connect()
         self._stack.push_async_callback(link.close)
+
+    def _start_operator_view(self) -> None:
+        """The status file, and the metrics endpoint if `[metrics] port` is set."""
+        self.pipeline.observers.append(self.activity)
+        port = self.config.metrics.port
+        if port:
+            self.metrics = Metrics()
+            self.metrics.watch(functools.partial(gauges, self))
+            self.metrics.serve(port, self.config.metrics.host)
+            self._stack.callback(self.metrics.close)
+            self.pipeline.observers.append(self.metrics)
+            self.alerts.observers.append(self.metrics)
+        status = self.config.gateway.data_dir / STATUS_FILE
+        self._spawn(write_forever(self, status), "status-file")
 
     def _settings(self, role: str) -> MqttSettings:
         m = self.config.mqtt
@@ -315,6 +360,10 @@ class Agent:
     def _spawn(self, coro: object, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
 
+    def _status_line(self) -> str:
+        s = self.pipeline.stats
+        return f"{s.readings} readings, {s.quarantined} quarantined, {s.events} events"
+
     async def _tick_forever(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
@@ -342,7 +391,7 @@ class _Player:
         if ev.kind == "ble":
             self._notification(ev)
         elif ev.kind == "reading":
-            pipeline.ingest(ev.payload)  # type: ignore[arg-type]
+            pipeline.ingest(ev.payload, source="replay")  # type: ignore[arg-type]
         elif ev.kind == "mqtt":
             topic, payload = ev.payload  # type: ignore[misc]
             await self.publisher.publish(topic, payload, qos=1)
@@ -373,7 +422,7 @@ class _Player:
             self.agent.pipeline.quarantine(f"ble:{device}", err.reason, data)
             return
         for r in readings:
-            self.agent.pipeline.ingest(r)
+            self.agent.pipeline.ingest(r, source="replay")
 
     async def _caught_up(self) -> None:
         # Room readings travel through the broker; rules that judge silence must

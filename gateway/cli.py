@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import re
@@ -30,7 +31,10 @@ log = logging.getLogger("gateway")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _parser().parse_args(argv)
-    _setup_logging(args.log_level or ("warning" if args.command == "demo" else "info"))
+    _setup_logging(
+        args.log_level or ("warning" if args.command == "demo" else "info"),
+        args.log_format,
+    )
     try:
         return int(args.func(args))
     except ConfigError as exc:
@@ -62,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         choices=["debug", "info", "warning", "error"],
         help="default: info; warning for the demo, whose output is its timeline",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text: one 'LEVEL subsystem: message' line per event (journald); "
+        "json: one JSON object per line, for log shippers",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -107,6 +118,16 @@ def _parser() -> argparse.ArgumentParser:
     privacy.add_argument("--json", action="store_true", help="print JSON")
     privacy.set_defaults(func=_cmd_privacy)
 
+    federation = sub.add_parser("federation", help="federated learning on this gateway")
+    federation_sub = federation.add_subparsers(dest="federation_command", required=True)
+    fed_status = federation_sub.add_parser(
+        "status", help="last rounds sent, model version installed, epsilon spent"
+    )
+    fed_status.add_argument("--config", required=True, type=Path)
+    fed_status.add_argument("--json", action="store_true", help="print JSON")
+    fed_status.add_argument("--last", type=int, default=10, help="rounds to show")
+    fed_status.set_defaults(func=_cmd_federation_status)
+
     model = sub.add_parser("model", help="the on-device model")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     evaluate = model_sub.add_parser(
@@ -141,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     pair.add_argument("--model", default=None, help="vendor decoder model, if any")
     pair.set_defaults(func=_cmd_pair)
 
+    _add_operator_commands(sub)
+    _add_privacy_commands(sub)
+    _add_learning_commands(sub)
+
     from sensors.ble import registry
 
     decode = sub.add_parser("decode", help="decode a GATT characteristic value")
@@ -155,13 +180,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    from gateway.logfmt import formatter
+
     # One line per event, level and subsystem first: what journald and grep want.
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(log_format))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     # apprise logs notification bodies (health data) at debug, and service URLs
     # (tokens) in its warnings: the gateway logs its own redacted account instead.
     logging.getLogger("apprise").setLevel(logging.CRITICAL)
@@ -266,6 +291,10 @@ async def _run(cfg: Config, speed: float | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if hasattr(signal, "SIGUSR1"):
+        # `kill -USR1 PID` writes every thread's stack to the journal: code
+        # locations only, no data, for diagnosing a stuck link without stopping it.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     accelerated = bool(cfg.replay) and speed is not None
     now = SystemClock().now()
@@ -393,6 +422,173 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         return asyncio.run(run_ble_demo(keep=args.keep))
     return asyncio.run(run_demo(config=args.config, speed=args.speed, keep=args.keep))
+
+
+def _add_operator_commands(sub: Any) -> None:
+    status = sub.add_parser("status", help="is this gateway doing its job")
+    status.add_argument("--config", required=True, type=Path)
+    status.add_argument("--data-dir", type=Path, default=None, help="override")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=_cmd_status)
+
+    report = sub.add_parser("report", help="a patient's trends and alerts as PNG")
+    report.add_argument("--config", required=True, type=Path)
+    report.add_argument("--data-dir", type=Path, default=None, help="override")
+    report.add_argument("--patient", default=None, help="pseudonymous patient ref")
+    report.add_argument(
+        "--since", default="24h", help="30m, 24h, 7d, or 'all' (default: 24h)"
+    )
+    report.add_argument("--out", type=Path, default=None, help="patient PNG")
+    report.add_argument(
+        "--budget-out", type=Path, default=None, help="privacy budget PNG"
+    )
+    report.set_defaults(func=_cmd_report)
+
+
+def _operator_config(args: argparse.Namespace) -> Config:
+    from gateway.config import load_config
+
+    if args.data_dir is None:
+        return load_config(args.config)
+    return load_config(args.config, gateway={"data_dir": str(args.data_dir)})
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from gateway.status import gather, render
+
+    status = gather(_operator_config(args))
+    print(json.dumps(status) if args.json else render(status))
+    return ExitCode.OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gateway.plots import report_command
+
+    return report_command(
+        _operator_config(args), args.patient, args.since, args.out, args.budget_out
+    )
+
+
+def _add_privacy_commands(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="the roster, pseudonym and signing keys")
+    keys.add_argument("keys_command", choices=["init", "rotate"])
+    keys.add_argument("--config", required=True, type=Path)
+    keys.set_defaults(func=_cmd_keys)
+
+    patient = sub.add_parser("patient", help="roster vault, consent, export, forget")
+    patient_sub = patient.add_subparsers(dest="patient_command", required=True)
+    add = patient_sub.add_parser("add", help="add a patient; prints their ref")
+    add.add_argument("--id", required=True, help="local identifier, e.g. the MRN")
+    add.add_argument("--name", required=True)
+    add.add_argument("--bed", default=None)
+    add.add_argument("--label", default=None, help="what the ERT's phones show")
+    add.add_argument("--no-training", action="store_true", help="no model training")
+    add.add_argument("--no-monitoring", action="store_true", help="not monitored")
+    consent = patient_sub.add_parser("consent", help="change consent")
+    consent.add_argument("ref")
+    consent.add_argument("--training", choices=["yes", "no"], default=None)
+    consent.add_argument("--monitoring", choices=["yes", "no"], default=None)
+    patient_sub.add_parser("list", help="the roster vault, with names")
+    export = patient_sub.add_parser("export", help="everything stored, JSON + FHIR")
+    export.add_argument("ref")
+    export.add_argument("--out", type=Path, default=None, help="JSON file (stdout)")
+    export.add_argument("--fhir", type=Path, default=None, help="FHIR Bundle file")
+    forget = patient_sub.add_parser("forget", help="delete everything stored")
+    forget.add_argument("ref")
+    for p in patient_sub.choices.values():
+        p.add_argument("--config", required=True, type=Path)
+    patient.set_defaults(func=_cmd_patient)
+
+    audit = sub.add_parser("audit", help="the hash-chained audit trail")
+    audit.add_argument("audit_command", choices=["verify", "show", "checkpoint"])
+    audit.add_argument("--config", required=True, type=Path)
+    audit.add_argument("--limit", type=int, default=50, help="show: last N entries")
+    audit.add_argument("--json", action="store_true", help="show: JSON lines")
+    audit.set_defaults(func=_cmd_audit)
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.patients import keys_command
+
+    return keys_command(load_config(args.config), args.keys_command)
+
+
+def _cmd_patient(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.patients import patient_command
+
+    return patient_command(load_config(args.config), args)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from gateway.audit import audit_command
+    from gateway.config import load_config
+
+    cfg = load_config(args.config)
+    return audit_command(cfg, args.audit_command, limit=args.limit, as_json=args.json)
+
+
+def _add_learning_commands(sub: Any) -> None:
+    train = sub.add_parser(
+        "train", help="one DP-SGD round on the store's windows, then swap the model"
+    )
+    train.add_argument("--config", required=True, type=Path)
+    train.add_argument("--json", action="store_true", help="print the result as JSON")
+    train.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.learning.train import train_round
+
+    cfg = load_config(args.config)
+    epochs = cfg.learning.epochs
+
+    def progress(p: dict[str, float]) -> None:
+        print(
+            f"epoch {int(p['epoch'])}/{epochs}  loss {p['loss']:.4f}  "
+            f"epsilon so far {p['epsilon']:.3f}",
+            file=sys.stderr if args.json else sys.stdout,
+            flush=True,
+        )
+
+    report = train_round(cfg, on_progress=progress)
+    if args.json:
+        print(json.dumps(train_dict(report)))
+        return ExitCode.OK
+    print(
+        f"trained on {report.windows} windows ({report.positives} irregular) of "
+        f"{report.patients} consenting patients\n"
+        f"epsilon spent {report.epsilon_after:.3f} of {report.epsilon_max:g} "
+        f"(this round {report.epsilon_after - report.epsilon_before:.3f}); "
+        f"left {report.epsilon_left:.3f}\n"
+        f"model swapped in: {report.model} (the previous one kept for rollback)"
+    )
+    return ExitCode.OK
+
+
+def train_dict(report: Any) -> dict[str, object]:
+    """A training round's report as JSON-ready data."""
+    return {
+        "windows": report.windows,
+        "positives": report.positives,
+        "patients": report.patients,
+        "epsilon_before": report.epsilon_before,
+        "epsilon_after": report.epsilon_after,
+        "epsilon_max": report.epsilon_max,
+        "epsilon_left": report.epsilon_left,
+        "model": str(report.model),
+        "metrics": report.metrics,
+    }
+
+
+def _cmd_federation_status(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.federation.status import print_status
+
+    print_status(load_config(args.config), last=args.last, as_json=args.json)
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

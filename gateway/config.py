@@ -6,10 +6,12 @@ is expected. Paths that are not absolute are taken relative to `gateway.data_dir
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -38,6 +40,101 @@ ROOM_KINDS = (
     Kind.MOTION,
     Kind.OCCUPANCY,
 )
+
+
+CLEARTEXT_SCHEMES = frozenset(
+    # apprise's schemes that have an encrypting twin (json/jsons, ntfy/ntfys, ...),
+    # checked against apprise's own list by the tests; growl and rsyslog have none.
+    [
+        "amqp",
+        "apprise",
+        "bark",
+        "deltachat",
+        "emby",
+        "enigma2",
+        "evolution",
+        "flowtriq",
+        "fluxer",
+        "form",
+        "goalert",
+        "gorush",
+        "gotify",
+        "growl",
+        "hassio",
+        "http",
+        "humhub",
+        "irc",
+        "jellyfin",
+        "json",
+        "kodi",
+        "lametric",
+        "mailto",
+        "mastodon",
+        "matrix",
+        "misskey",
+        "mmost",
+        "mqtt",
+        "ncloud",
+        "nctalk",
+        "notica",
+        "notifico",
+        "ntfy",
+        "onebot",
+        "opsimate",
+        "parsep",
+        "pinglet",
+        "pjet",
+        "psafer",
+        "pushdeer",
+        "rocket",
+        "rsyslog",
+        "session",
+        "signal",
+        "smpp",
+        "smseagle",
+        "synology",
+        "toot",
+        "trigv",
+        "xbmc",
+        "xml",
+    ]
+)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine: localhost, 127.0.0.0/8 or ::1.
+
+    Names are not resolved (validation does no network I/O): ``localhost`` and
+    names under ``.localhost`` (RFC 6761) count, any other name does not.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("broker.ward3")
+    (True, True, False)
+    """
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def cleartext_target(target: str) -> bool:
+    """Whether an alert target would travel unencrypted to another machine.
+
+    >>> cleartext_target("json://10.0.0.7/hook"), cleartext_target("ntfys://ert")
+    (True, False)
+    >>> cleartext_target("json://127.0.0.1:8080/"), cleartext_target("mqtt")
+    (False, False)
+    """
+    scheme, sep, _rest = target.partition("://")
+    if not sep or scheme.lower() not in CLEARTEXT_SCHEMES:
+        return False
+    try:
+        host = urlsplit(target).hostname
+    except ValueError:
+        return True
+    return host is None or not is_loopback(host)
 
 
 class _Section(BaseModel):
@@ -128,6 +225,21 @@ class MqttSection(_Section):
     credentials_file: FilePath | None = None
     status_topic: str | None = "iomt/{gateway_id}/status"
     topics: list[TopicSection] = []
+    allow_plaintext: bool = Field(False, validate_default=True)
+    """MQTT without TLS to a broker that is not on loopback (refused by default)."""
+
+    @field_validator("allow_plaintext")
+    @classmethod
+    def _tls_off_host(cls, allow: bool, info: ValidationInfo) -> bool:
+        host, given = info.data.get("host"), info.data.keys()
+        if allow or host is None or "tls_ca_file" not in given or is_loopback(host):
+            return allow
+        if info.data["tls_ca_file"] is None:
+            raise ValueError(
+                f"mqtt.tls_ca_file set, or allow_plaintext = true: mqtt.host {host!r} "
+                "is not on loopback, and MQTT without TLS crosses the network in clear"
+            )
+        return allow
 
 
 class RulesSection(_Section):
@@ -141,11 +253,14 @@ class RulesSection(_Section):
     technical_priority: PriorityName | None = None
     stale_priority: PriorityName | None = None
     hysteresis: dict[Kind, Annotated[float, Field(ge=0)]] | None = None
+    rhythm_threshold: float | None = Field(None, gt=0, lt=1)
+    rhythm_persistence_s: Seconds | None = None
+    rhythm_priority: Literal["low", "medium"] | None = None
 
     def apply(self, base: PatientRules) -> PatientRules:
         """`base` with every key given here changed."""
         given = self.model_dump(exclude_none=True)
-        for key in ("technical_priority", "stale_priority"):
+        for key in ("technical_priority", "stale_priority", "rhythm_priority"):
             if key in given:
                 given[key] = Priority[given[key].upper()]
         if "hysteresis" in given:
@@ -192,6 +307,8 @@ class AlertsSection(_Section):
     escalate_after_s: float = Field(120.0, gt=0)
     retry_initial_s: float = Field(2.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
+    allow_insecure_targets: bool = Field(False, validate_default=True)
+    """Apprise URLs that send in clear to a host not on loopback (refused)."""
 
     @field_validator("targets", "escalation_targets")
     @classmethod
@@ -200,6 +317,20 @@ class AlertsSection(_Section):
             if t != "mqtt" and "://" not in t:
                 raise ValueError('"mqtt" or an apprise URL such as "ntfys://topic"')
         return targets
+
+    @field_validator("allow_insecure_targets")
+    @classmethod
+    def _encrypted_targets(cls, allow: bool, info: ValidationInfo) -> bool:
+        for key in ("targets", "escalation_targets"):
+            for i, target in enumerate(info.data.get(key, [])):
+                if not allow and cleartext_target(target):
+                    scheme = target.partition("://")[0].lower()
+                    raise ValueError(
+                        f"an encrypting scheme for alerts.{key}.{i} (such as "
+                        f"ntfys://, jsons://, https), or allow_insecure_targets = "
+                        f"true: a {scheme}:// URL sends alerts in clear"
+                    )
+        return allow
 
 
 class LearningSection(_Section):
@@ -210,6 +341,62 @@ class LearningSection(_Section):
     epsilon_max: float = Field(8.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     arch: Literal["linear", "mlp"] = "linear"
+    scoring: bool = True
+    """Score RR windows with the installed model (else the shipped one) as they
+    complete; sustained high scores raise an irregular-rhythm alarm."""
+    score_every_beats: int = Field(4, ge=1, le=64)
+    round_epsilon: float = Field(1.0, gt=0)
+    """Epsilon one training round may add to the account (noise is calibrated so
+    that the cumulative epsilon after the round is the spent one plus this)."""
+    epochs: int = Field(5, ge=1, le=100)
+    batch_size: int = Field(256, ge=8, le=65_536)
+    lr: float = Field(0.5, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    min_windows: int = Field(500, ge=1)
+    """A round needs at least this many labelled windows of consenting patients."""
+    train_every_h: float = Field(0.0, ge=0)
+    """Hours between scheduled rounds in the running agent; 0: on demand only."""
+
+
+class FederationSection(_Section):
+    """`[federation]`: what this gateway's Flower ClientApp sends upstream.
+
+    The aggregator chooses the model, epochs, batch size and learning rate of a
+    round; the gateway alone chooses what it spends and how its update is bounded.
+    """
+
+    log_file: Path = Path("federation.db")
+    work_dir: Path = Path("federation")
+    noise_multiplier: float = Field(1.1, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    update_clip: float = Field(1.0, gt=0)
+    update_noise: float = Field(0.0, ge=0)
+    quantise_8bit: bool = False
+    keep_sent_updates: bool = False
+
+
+class SecuritySection(_Section):
+    """`[security]`: the roster vault, the secret keys and the audit trail.
+
+    Keys are read from systemd credentials (``$CREDENTIALS_DIRECTORY``) first,
+    then from `key_dir` (see `gateway.keys`).
+    """
+
+    key_dir: Path = Path("keys")
+    roster_file: Path = Path("roster.vault")
+    audit_file: Path = Path("audit.db")
+    audit_checkpoint_every: int = Field(100, ge=1, le=1_000_000)
+
+
+class MetricsSection(_Section):
+    """`[metrics]`: the Prometheus endpoint; port 0 (the default) turns it off.
+
+    It listens on loopback unless `host` says otherwise: a local Prometheus or
+    node exporter scrapes it, and it carries counts only, never readings or refs.
+    """
+
+    port: int = Field(0, ge=0, le=65535)
+    host: str = "127.0.0.1"
 
 
 class PatientSection(_Section):
@@ -283,6 +470,9 @@ class Config(_Section):
     rooms: RoomsSection = RoomsSection()
     alerts: AlertsSection = AlertsSection()
     learning: LearningSection = LearningSection()
+    federation: FederationSection = FederationSection()
+    metrics: MetricsSection = MetricsSection()
+    security: SecuritySection = SecuritySection()
     patients: list[PatientSection] = []
     devices: list[DeviceSection] = []
     replay: list[ReplaySection] = []

@@ -43,11 +43,35 @@ class ReadingSink(Protocol):
         ...
 
 
+class Deriver(Protocol):
+    """Something that makes readings from readings (the rhythm scorer)."""
+
+    def feed(self, reading: Reading) -> Reading | None:
+        """Return a derived reading when one is due."""
+        ...
+
+    def forget(self, device_id: str) -> None:
+        """Drop what is kept about a device that was removed."""
+        ...
+
+
 class AlarmSink(Protocol):
     """The alert manager, as the pipeline sees it."""
 
     async def handle(self, event: AlarmEvent) -> object:
         """Turn an event into an alert in the outbox."""
+        ...
+
+
+class PipelineObserver(Protocol):
+    """Watches what goes through, for status and metrics (times and counts only)."""
+
+    def reading_in(self, reading: Reading, source: str) -> None:
+        """A reading was taken in from `source` ("ble", "mqtt", "replay")."""
+        ...
+
+    def quarantined_in(self, source: str, reason: str) -> None:
+        """An input from `source` was quarantined for `reason`."""
         ...
 
 
@@ -68,16 +92,25 @@ class Pipeline:
         rules: The rule engine.
         alarms: Where alarm events go (the alert manager).
         clock: The time readings are taken to arrive at.
+        deriver: Makes derived readings (rhythm scores) that are stored and
+            evaluated like measured ones.
     """
 
     def __init__(
-        self, store: ReadingSink, rules: RuleEngine, alarms: AlarmSink, clock: Clock
+        self,
+        store: ReadingSink,
+        rules: RuleEngine,
+        alarms: AlarmSink,
+        clock: Clock,
+        deriver: Deriver | None = None,
     ) -> None:
         self.store = store
+        self.deriver = deriver
         self.rules = rules
         self.alarms = alarms
         self.clock = clock
         self.stats = PipelineStats()
+        self.observers: list[PipelineObserver] = []
         self._events: asyncio.Queue[AlarmEvent] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._quarantine_log: dict[str, tuple[int, float]] = {}
@@ -99,11 +132,21 @@ class Pipeline:
         """Wait until every event so far has reached the alert manager."""
         await self._events.join()
 
-    def ingest(self, reading: Reading, on_commit: Ack | None = None) -> None:
-        """Take one reading: queue it for the store, evaluate the rules."""
+    def ingest(
+        self, reading: Reading, on_commit: Ack | None = None, *, source: str = "ble"
+    ) -> None:
+        """Take one reading: queue it for the store, evaluate the rules.
+
+        `source` names the transport for metrics; wearables' links leave it "ble".
+        """
         self.stats.readings += 1
+        for observer in self.observers:
+            observer.reading_in(reading, source)
         self.store.put(reading, on_commit)
         self._emit(self.rules.evaluate(reading, self.clock.now()))
+        derived = self.deriver.feed(reading) if self.deriver is not None else None
+        if derived is not None:
+            self.ingest(derived, source="model")
 
     def quarantine(
         self, source: str, reason: str, payload: bytes, on_commit: Ack | None = None
@@ -115,6 +158,8 @@ class Pipeline:
         of each reason, then at most once a minute per reason with a count.
         """
         self.stats.quarantined += 1
+        for observer in self.observers:
+            observer.quarantined_in(source, reason)
         self._warn_quarantined(source, reason)
         kept = payload[:QUARANTINE_KEEP_BYTES]
         self.store.quarantine(source, reason, kept, on_commit)
@@ -144,6 +189,8 @@ class Pipeline:
     def retire(self, device_id: str) -> None:
         """Stop watching a device removed on purpose (end of a recording)."""
         self._emit(self.rules.retire(device_id))
+        if self.deriver is not None:
+            self.deriver.forget(device_id)
 
     def _emit(self, events: list[AlarmEvent]) -> None:
         for event in events:

@@ -26,6 +26,8 @@ class Kind(enum.StrEnum):
     GLUCOSE = "glucose"
     BATTERY = "battery"
     ENERGY_EXPENDED = "energy_expended"
+    RHYTHM_SCORE = "rhythm_score"
+    """The on-device model's score of an RR window (0-1): derived, not measured."""
 
 
 UNITS: dict[Kind, str] = {
@@ -46,6 +48,7 @@ UNITS: dict[Kind, str] = {
     Kind.GLUCOSE: "mmol/L",
     Kind.BATTERY: "%",
     Kind.ENERGY_EXPENDED: "kJ",
+    Kind.RHYTHM_SCORE: "1",
 }
 
 

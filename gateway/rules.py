@@ -51,6 +51,13 @@ class PatientRules:
         technical_persistence_s: Delay before a technical condition raises.
         stale_after_s: No data from a wearable for this long is a technical alarm.
         technical_priority: Priority of technical alarms (stale, sensor off...).
+        stale_priority: Priority of the stale-stream alarm.
+        rhythm_threshold: Model score (0-1) at or above which an RR window counts
+            as irregular rhythm.
+        rhythm_hysteresis: How far below the threshold scores must fall to clear.
+        rhythm_persistence_s: Irregular windows must persist this long to raise.
+        rhythm_priority: Priority of the irregular-rhythm alarm (low or medium:
+            a screening model's score, never a diagnosis).
     """
 
     persistence_s: float = 60.0
@@ -68,6 +75,10 @@ class PatientRules:
     stale_after_s: float = 120.0
     technical_priority: Priority = Priority.LOW
     stale_priority: Priority = Priority.MEDIUM
+    rhythm_threshold: float = 0.8
+    rhythm_hysteresis: float = 0.2
+    rhythm_persistence_s: float = 30.0
+    rhythm_priority: Priority = Priority.LOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +221,8 @@ class RuleEngine:
         if reading.kind in news2.SCORES:
             events += self._technical(reading)
             events += self._physiological(reading)
+        elif reading.kind is Kind.RHYTHM_SCORE:
+            events += self._rhythm(reading)
         elif reading.kind is Kind.ROOM_TEMPERATURE:
             events += self._technical(reading)
             events += self._room_temperature(reading)
@@ -355,6 +368,24 @@ class RuleEngine:
         if changed is None:
             return []
         return [self._event(key, changed, Category.PHYSIOLOGICAL, r, gate, None)]
+
+    def _rhythm(self, r: Reading) -> list[AlarmEvent]:
+        rules = self.rules_for(r.patient_ref)
+        key = f"{r.patient_ref}/{r.kind}"
+        gate = self._gate(key, rules.rhythm_persistence_s, rules.clear_after_s)
+        level = int(rules.rhythm_priority) * int(r.value >= rules.rhythm_threshold)
+        worse = int(rules.rhythm_priority) * int(
+            r.value + rules.rhythm_hysteresis >= rules.rhythm_threshold
+        )
+        changed = self._gap_checked(gate, r, rules.stale_after_s, level, worse)
+        if changed is None:
+            return []
+        reason = (
+            f"Irregular rhythm: RR-window model score >= {rules.rhythm_threshold:g} "
+            f"for {rules.rhythm_persistence_s:g} s (ventricular ectopy suspected; "
+            "a screening score, check the patient)"
+        )
+        return [self._event(key, changed, Category.PHYSIOLOGICAL, r, gate, reason)]
 
     def _gap_checked(
         self, gate: Gate, r: Reading, max_gap: float, level: int, worse: int

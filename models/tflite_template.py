@@ -221,3 +221,21 @@ def with_weights(base: bytes | str, arrays: Sequence[np.ndarray]) -> bytes:
             raise ValueError(f"array {i}: holds a non-finite value")
         out[start : start + data.nbytes] = data.tobytes()
     return bytes(out)
+
+
+def weights_of(model_bytes: bytes) -> list[np.ndarray]:
+    """The weights of a model written by `with_weights`, in the same order.
+
+    Raises:
+        ValueError: If the bytes are not a model of this template's form.
+    """
+    try:
+        slots = _constant_slots(model_bytes)
+    except Exception as exc:  # flatbuffers raises bare struct/index errors
+        raise ValueError(f"not a .tflite model of this template: {exc}") from exc
+    return [
+        np.frombuffer(model_bytes, "<f4", int(np.prod(shape)), start)
+        .reshape(shape)
+        .copy()
+        for start, shape in slots
+    ]

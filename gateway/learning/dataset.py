@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.readings import Kind, Quality, Reading
+from gateway.readings import Kind, Reading
 from gateway.store import LabelSpan, ReadingStore
 from models import features
 
@@ -65,7 +65,7 @@ class Windows:
 def rr_windows(readings: Sequence[Reading], stride: int = 1) -> Windows:
     """Cut a patient's RR readings into gap-free windows, one every `stride` beats.
 
-    Readings with any quality flag (contact lost, no reading, ...) break the run.
+    Readings with a technical flag (contact lost, no reading, ...) break the run.
 
     Raises:
         ValueError: If stride is not positive.
@@ -207,7 +207,7 @@ def _clean_rr(readings: Sequence[Reading]) -> tuple[np.ndarray, np.ndarray]:
         (r.measured_at, r.value)
         for r in readings
         if r.kind is Kind.RR_INTERVAL
-        and r.quality == Quality.OK
+        and r.is_clean
         and r.value is not None
         and np.isfinite(r.value)
         and r.value > 0

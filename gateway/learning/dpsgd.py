@@ -169,6 +169,7 @@ def train_round(
     max_grad_norm: float = 1.0,
     account: PrivacyAccount | None = None,
     progress: Progress | None = None,
+    initial: dict[str, np.ndarray] | None = None,
 ) -> RoundResult:
     """Train a twin for `epochs` epochs with DP-SGD, charging `account`.
 
@@ -176,7 +177,9 @@ def train_round(
     q = 1 / ceil(n / batch_size). Give either `noise_multiplier` or
     `target_epsilon` (the cumulative epsilon, history included, to stay under).
     `noise_multiplier=0` trains without noise or clipping, for baselines only; it
-    spends nothing and needs no account.
+    spends nothing and needs no account. `initial` (named as `RoundResult.weights`)
+    starts from those weights, e.g. a federated global model, instead of a fresh
+    random initialisation.
 
     Raises:
         BudgetExceeded: If the round would cross the account's cap; not started.
@@ -184,6 +187,8 @@ def train_round(
         ValueError: On a missing account or noise setting.
     """
     model = twins.build(arch, X.shape[1])
+    if initial is not None:
+        _load_initial(model, initial)
     if noise_multiplier == 0:
         return _train_baseline(model, X, y, loss, epochs, batch_size, lr, progress)
     if account is None or (noise_multiplier is None) == (target_epsilon is None):
@@ -209,6 +214,17 @@ def train_round(
     )
     round_id = account.reserve(noise_multiplier, q, planned)
     return _train_private(parts, X, y, loss, epochs, account, round_id, progress)
+
+
+def _load_initial(model: nn.Module, initial: dict[str, np.ndarray]) -> None:
+    """Start from `initial`; raises ValueError if names or shapes do not match."""
+    tensors = {
+        k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in initial.items()
+    }
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"initial weights do not fit the model: {exc}") from exc
 
 
 def _train_private(

@@ -7,7 +7,9 @@ The training data goes by file (`data`: an .npz with arrays X and y), never
 through a pipe or a log; the weights come back as an .npz path.
 
 Config keys: data, out (weights .npz path), account (SQLite path), epsilon_max,
-delta, and the keyword arguments of `gateway.learning.dpsgd.train_round` (arch,
+delta, initial (optional .npz of starting weights, named as the result's) or
+initial_model (a .tflite whose weights start the round), and
+the keyword arguments of `gateway.learning.dpsgd.train_round` (arch,
 loss, epochs, batch_size, lr, noise_multiplier or target_epsilon, max_grad_norm).
 """
 
@@ -111,6 +113,13 @@ def _child(config: dict[str, Any], emit: Callable[[dict], None]) -> None:
         delta=config["delta"],
     )
     kwargs = {k: config[k] for k in _TRAIN_KEYS if k in config}
+    if config.get("initial"):
+        with np.load(config["initial"]) as initial:
+            kwargs["initial"] = {name: initial[name] for name in initial.files}
+    elif config.get("initial_model"):
+        kwargs["initial"] = _weights_of_model(
+            Path(config["initial_model"]), kwargs.get("arch", "linear"), X.shape[1]
+        )
 
     def progress(epoch: int, loss: float, eps: float) -> None:
         emit({"epoch": epoch, "loss": loss, "epsilon": eps})
@@ -120,7 +129,36 @@ def _child(config: dict[str, Any], emit: Callable[[dict], None]) -> None:
     finally:
         account.close()
     np.savez(config["out"], **result.weights)
-    emit({"result": {"weights": str(config["out"]), "metrics": result.metrics}})
+    known = _twin_score(result.weights, kwargs.get("arch", "linear"), X[:1])
+    emit(
+        {
+            "result": {
+                "weights": str(config["out"]),
+                "metrics": result.metrics,
+                "known_score": known,
+            }
+        }
+    )
+
+
+def _weights_of_model(path: Path, arch: str, n_features: int) -> dict[str, Any]:
+    """A .tflite model's weights, named as the torch twin's state dict."""
+    from models import tflite_template, twins
+
+    model = twins.build(arch, n_features)
+    twins.load_weights(model, tflite_template.weights_of(path.read_bytes()))
+    return {name: t.detach().numpy() for name, t in model.state_dict().items()}
+
+
+def _twin_score(weights: dict[str, Any], arch: str, window: Any) -> float:
+    """The torch twin's score of one window: what the .tflite must reproduce."""
+    import torch
+
+    from models import twins
+
+    model = twins.build(arch, window.shape[1])
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+    return float(twins.scores(model, window)[0])
 
 
 def main() -> int:

@@ -1,0 +1,210 @@
+"""One on-device training round, from the store to an installed model.
+
+The parent side of a round, free of torch: it gathers the labelled windows of the
+patients who consent to training, hands them to the training child by a private
+file, and installs the weights that come back as the new `current.tflite` through
+the atomic, verified swap of `gateway.litert`. The privacy account is charged by
+the child before it trains (see `gateway.learning.dpsgd`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gateway import audit, vault
+from gateway.config import Config
+from gateway.errors import ExitCode, GatewayError
+from gateway.learning import dataset
+from gateway.learning.job import run_training
+from gateway.learning.privacy import BudgetExceeded, PrivacyAccount
+from gateway.litert import CURRENT, install_model
+from models import INITIAL_PATH, tflite_template
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, float]], None]
+
+
+class NotEnoughData(GatewayError):
+    """Too few labelled windows of consenting patients for a round."""
+
+    exit_code = ExitCode.TRAINING_DATA_MISSING
+
+
+@dataclass(frozen=True, slots=True)
+class RoundReport:
+    """What a round did, for the terminal and the audit trail (no data).
+
+    Attributes:
+        windows: Labelled windows trained on.
+        positives: Of them, windows holding a ventricular ectopic beat.
+        patients: Consenting patients whose windows were used.
+        epsilon_before: The account's epsilon before the round.
+        epsilon_after: ...and after it.
+        epsilon_max: The cap.
+        model: The installed model file.
+        metrics: What the child reported (loss per epoch, noise, steps...).
+    """
+
+    windows: int
+    positives: int
+    patients: int
+    epsilon_before: float
+    epsilon_after: float
+    epsilon_max: float
+    model: Path
+    metrics: dict[str, object]
+
+    @property
+    def epsilon_left(self) -> float:
+        """Budget left after the round."""
+        return max(0.0, self.epsilon_max - self.epsilon_after)
+
+
+def consenting_patients(cfg: Config) -> set[str]:
+    """Refs whose data may train the model, read afresh for every round.
+
+    With a roster vault, exactly the patients recorded there as consenting to
+    training (an opt-out applies from the next round on). Without one, every
+    patient of the configuration, whose roster is then the consent record.
+
+    Raises:
+        KeyFileError: A vault exists but its key is missing or unsafe.
+        VaultError: The vault does not decrypt.
+    """
+    consenting = vault.training_refs(cfg)
+    if consenting is not None:
+        return consenting
+    return {p.ref for p in cfg.patients} | {r.patient for r in cfg.replay if r.patient}
+
+
+def train_round(
+    cfg: Config,
+    *,
+    refs: Iterable[str] | None = None,
+    on_progress: Progress | None = None,
+) -> RoundReport:
+    """Train one DP-SGD round on the store's windows and install the result.
+
+    Args:
+        cfg: The gateway's configuration (`[learning]` holds the round settings).
+        refs: Patients to train on; default: those consenting to training.
+        on_progress: Called after each epoch with {"epoch", "loss", "epsilon"}.
+
+    Raises:
+        NotEnoughData: Too few labelled windows, or only one class; nothing spent.
+        BudgetExceeded: The round's `round_epsilon` would cross epsilon_max;
+            nothing ran.
+        TrainingJobError: The training child failed (what it reserved is counted).
+        ModelError: The new model failed verification; the old one stays.
+    """
+    learning = cfg.learning
+    patients = sorted(consenting_patients(cfg) if refs is None else set(refs))
+    x, y = dataset.training_set(cfg.path(cfg.store.file), patients)
+    _check_data(y, learning.min_windows)
+    before = _spent(cfg)
+    if before + learning.round_epsilon > learning.epsilon_max + 1e-9:
+        # A sliver of budget would buy only noise: refuse rather than train on it.
+        raise BudgetExceeded(
+            learning.epsilon_max - before,
+            before + learning.round_epsilon,
+            learning.epsilon_max,
+        )
+    models_dir = cfg.path(learning.models_dir)
+    start_from = models_dir / CURRENT
+    with tempfile.TemporaryDirectory(prefix=".round-", dir=cfg.gateway.data_dir) as tmp:
+        work = Path(tmp)  # mode 0700: the windows are health data
+        np.savez(work / "data.npz", X=x, y=y)
+        result = run_training(
+            {
+                "data": str(work / "data.npz"),
+                "out": str(work / "weights.npz"),
+                "account": str(cfg.path(learning.privacy_file)),
+                "epsilon_max": learning.epsilon_max,
+                "delta": learning.delta,
+                "initial_model": str(
+                    start_from if start_from.exists() else INITIAL_PATH
+                ),
+                "arch": learning.arch,
+                "epochs": learning.epochs,
+                "batch_size": learning.batch_size,
+                "lr": learning.lr,
+                "max_grad_norm": learning.max_grad_norm,
+                "target_epsilon": before + learning.round_epsilon,
+            },
+            on_progress=on_progress,
+        )
+        with np.load(result["weights"]) as weights:
+            arrays = [weights[name] for name in weights.files]
+    model = install_model(
+        tflite_template.with_weights(learning.arch, arrays),
+        models_dir,
+        known_window=x[:1],
+        expected_score=result["known_score"],
+    )
+    round_id, after = _last_round(cfg)
+    audit.record_training_round(cfg, round_id, after - before, after)
+    report = RoundReport(
+        windows=len(y),
+        positives=int(y.sum()),
+        patients=len(patients),
+        epsilon_before=before,
+        epsilon_after=after,
+        epsilon_max=learning.epsilon_max,
+        model=model,
+        metrics=result.get("metrics", {}),
+    )
+    log.info(
+        "training round done: %d windows, epsilon %.3f -> %.3f of %g",
+        report.windows,
+        report.epsilon_before,
+        report.epsilon_after,
+        report.epsilon_max,
+    )
+    return report
+
+
+def _check_data(y: np.ndarray, min_windows: int) -> None:
+    if len(y) < min_windows:
+        raise NotEnoughData(
+            f"{len(y)} labelled windows of consenting patients; a round needs "
+            f"{min_windows} ([learning] min_windows)"
+        )
+    if y.min() == y.max():
+        raise NotEnoughData(
+            "the labelled windows are all of one class; a round needs both "
+            "irregular and regular rhythm"
+        )
+
+
+def _spent(cfg: Config) -> float:
+    learning = cfg.learning
+    account = PrivacyAccount(
+        cfg.path(learning.privacy_file),
+        epsilon_max=learning.epsilon_max,
+        delta=learning.delta,
+    )
+    try:
+        return account.spent()
+    finally:
+        account.close()
+
+
+def _last_round(cfg: Config) -> tuple[int, float]:
+    """The id of the account's latest round, and the epsilon after it."""
+    learning = cfg.learning
+    account = PrivacyAccount(
+        cfg.path(learning.privacy_file),
+        epsilon_max=learning.epsilon_max,
+        delta=learning.delta,
+    )
+    try:
+        return account.history()[-1].id, account.spent()
+    finally:
+        account.close()
