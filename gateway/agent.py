@@ -21,6 +21,7 @@ from gateway.audit import audit_alerts
 from gateway.clock import Clock, ManualClock, SystemClock
 from gateway.config import Config, ReplaySection
 from gateway.errors import ConfigError, DeliveryError, StoreError
+from gateway.learning import dataset
 from gateway.metrics import Metrics
 from gateway.notify import MQTT_TARGET, Alert, MqttNotifier, Notifier
 from gateway.outbox import Outbox
@@ -197,8 +198,28 @@ class Agent:
                 events, speed=speed, clock=clock, emit=player.emit, tick=player.tick
             )
             await player.settle()
+            await asyncio.to_thread(self._store_annotations, start)
         finally:
             await publisher.close()
+
+    def _store_annotations(self, start: float) -> None:
+        """Keep the reference beat labels of replayed MIT-BIH records.
+
+        They label the replayed windows for training and evaluation, as the ERT's
+        verdicts on alerts label a live gateway's.
+        """
+        for r in self.config.replay:
+            beats = resolve_data(r.file)
+            pvc = beats.with_name(beats.name.replace("_all", "_pvc"))
+            if r.source != "mitdb" or not r.patient or not pvc.exists():
+                continue
+            spans = dataset.annotation_labels(
+                r.patient,
+                mitdb.read_sample_indices(beats),
+                mitdb.read_sample_indices(pvc),
+                start=start,
+            )
+            self.store.add_labels(spans)
 
     def patient_of(self, device_id: str) -> str | None:
         """The patient wearing a device, from the roster and the replay entries."""

@@ -60,6 +60,34 @@ def test_demo_timeline_matches_its_outbox_and_store(demo: tuple[str, Path]) -> N
     assert f"readings stored: {stored} " in output
 
 
+def test_demo_ends_with_a_training_round_and_a_model_swap(
+    demo: tuple[str, Path],
+) -> None:
+    output, state = demo
+    from models import INITIAL_PATH
+
+    epochs = re.findall(r"epoch (\d)/3  loss [\d.]+  epsilon so far ([\d.]+)", output)
+    assert [e for e, _ in epochs] == ["1", "2", "3"]
+    with sqlite3.connect(state / "privacy.db") as db:
+        rounds = db.execute("SELECT status, epsilon_after FROM rounds").fetchall()
+    assert len(rounds) == 1 and rounds[0][0] == "spent"
+    spent = rounds[0][1]
+    assert 0.95 <= spent <= 1.0
+    assert float(epochs[-1][1]) == pytest.approx(spent, abs=1e-3)
+    assert f"epsilon spent {spent:.3f} of 8 (delta 1e-05), left {8 - spent:.3f}" in (
+        output
+    )
+    models = state / "models"
+    assert (models / "current.tflite").read_bytes() != INITIAL_PATH.read_bytes()
+    assert (models / "previous.tflite").read_bytes() == INITIAL_PATH.read_bytes()
+    # The windows trained on are those of the two straps' records, labelled by
+    # their reference annotations (records 100 and 123: 1 and 3 ectopic beats).
+    windows, positives = re.search(
+        r"(\d+) windows of \d+ consenting patients \((\d+) with", output
+    ).groups()
+    assert 3700 < int(windows) < 3800 and int(positives) == 64
+
+
 def test_ble_demo_shows_every_alarm_path(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "gateway", "demo", "--ble", "--keep", str(tmp_path)],

@@ -66,6 +66,7 @@ def test_rounds_spend_what_the_account_composes_and_swap_the_model(tmp_path, cap
     models = cfg.path(cfg.learning.models_dir)
     assert Path(first["model"]) == models / CURRENT
     assert (models / CURRENT).read_bytes() != INITIAL_PATH.read_bytes()
+    assert (models / PREVIOUS).read_bytes() == INITIAL_PATH.read_bytes()
     assert main(["audit", "show", "--config", str(config), "--json"]) == 0
     entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     rounds = [e for e in entries if e["kind"] == "training.round"]

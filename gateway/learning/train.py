@@ -142,6 +142,9 @@ def train_round(
         )
         with np.load(result["weights"]) as weights:
             arrays = [weights[name] for name in weights.files]
+    if not start_from.exists():
+        # The shipped model becomes the previous one, so a rollback has a target.
+        install_model(INITIAL_PATH.read_bytes(), models_dir, known_window=x[:1])
     model = install_model(
         tflite_template.with_weights(learning.arch, arrays),
         models_dir,
