@@ -105,3 +105,49 @@ def test_label_spans_round_trip_and_bad_span_refused(tmp_path):
         assert store.labels("p-1") == [span]
         with pytest.raises(ValueError, match="ends before it starts"):
             store.add_labels([LabelSpan("p-1", 5.0, 4.0, False, "ert")])
+
+
+def _rhythm_alert(ref: str, first: float, last: float):
+    import uuid
+
+    from gateway.alarms import Category, Evidence, Priority
+    from gateway.notify import Alert
+
+    return Alert(
+        id=uuid.uuid4().hex,
+        condition=f"{ref}/rhythm_score",
+        priority=Priority.LOW,
+        category=Category.PHYSIOLOGICAL,
+        patient_ref=ref,
+        label=None,
+        room=None,
+        device_id="strap-1",
+        reason="Irregular rhythm",
+        evidence=(
+            Evidence(Kind.RHYTHM_SCORE, 0.9, "1", first),
+            Evidence(Kind.RHYTHM_SCORE, 0.95, "1", last),
+        ),
+        raised_at=last,
+    )
+
+
+def test_ert_verdicts_on_rhythm_alerts_become_label_spans(tmp_path):
+    from gateway.outbox import Outbox
+
+    with Outbox(tmp_path / "outbox.db") as outbox:
+        confirmed = _rhythm_alert("p-1", START + 10, START + 40)
+        refuted = _rhythm_alert("p-2", START + 100, START + 130)
+        unanswered = _rhythm_alert("p-3", START + 200, START + 230)
+        for alert in (confirmed, refuted, unanswered):
+            outbox.insert(alert, ["mqtt"], START)
+        outbox.acknowledge(confirmed.id, START + 50, "nurse", "true_alarm")
+        outbox.acknowledge(refuted.id, START + 140, "nurse", "false_alarm")
+        outbox.acknowledge(unanswered.id, START + 240, "nurse", None)
+        spans = dataset.ert_labels(outbox.list_alerts())
+    by_ref = {s.patient_ref: s for s in spans}
+    assert set(by_ref) == {"p-1", "p-2"}
+    assert by_ref["p-1"] == LabelSpan(
+        "p-1", START + 10, START + 40, True, "ert", confirmed.id
+    )
+    assert by_ref["p-2"].positive is False
+    assert (by_ref["p-2"].start, by_ref["p-2"].end) == (START + 100, START + 130)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway.outbox import AlertRecord
 from gateway.readings import Kind, Reading
 from gateway.store import LabelSpan, ReadingStore
 from models import features
@@ -156,6 +157,36 @@ def annotation_labels(
         for v in pvc
     ]
     return [covered, *ectopic]
+
+
+def ert_labels(records: Iterable[AlertRecord]) -> list[LabelSpan]:
+    """Label spans from the ERT's verdicts on irregular-rhythm alerts.
+
+    A confirmed alert ("true_alarm") makes the stretch its evidence covers
+    positive; a false alarm makes it negative. Other alerts label nothing.
+    """
+    spans = []
+    for record in records:
+        alert = record.alert
+        if (
+            record.outcome is None
+            or alert.patient_ref is None
+            or not alert.condition.endswith(f"/{Kind.RHYTHM_SCORE}")
+            or not alert.evidence
+        ):
+            continue
+        times = [e.measured_at for e in alert.evidence]
+        spans.append(
+            LabelSpan(
+                alert.patient_ref,
+                min(times),
+                max(times),
+                record.outcome == "true_alarm",
+                ERT,
+                alert.id,
+            )
+        )
+    return spans
 
 
 def import_annotated_record(

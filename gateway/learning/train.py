@@ -24,6 +24,8 @@ from gateway.learning import dataset
 from gateway.learning.job import run_training
 from gateway.learning.privacy import BudgetExceeded, PrivacyAccount
 from gateway.litert import CURRENT, install_model
+from gateway.outbox import Outbox
+from gateway.store import ReadingStore
 from models import INITIAL_PATH, tflite_template
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,7 @@ def train_round(
     """
     learning = cfg.learning
     patients = sorted(consenting_patients(cfg) if refs is None else set(refs))
+    sync_ert_labels(cfg)
     x, y = dataset.training_set(cfg.path(cfg.store.file), patients)
     _check_data(y, learning.min_windows)
     before = _spent(cfg)
@@ -171,6 +174,29 @@ def train_round(
         report.epsilon_max,
     )
     return report
+
+
+def sync_ert_labels(cfg: Config) -> int:
+    """Copy the ERT's verdicts on rhythm alerts from the outbox into the store.
+
+    Returns:
+        The number of label spans written (re-writing one replaces it).
+
+    Raises:
+        StoreError: The outbox or the store cannot be read or written.
+    """
+    outbox_path = cfg.path(cfg.alerts.outbox_file)
+    if not outbox_path.exists():
+        return 0
+    outbox = Outbox(outbox_path)
+    try:
+        spans = dataset.ert_labels(outbox.list_alerts(limit=1_000_000))
+    finally:
+        outbox.close()
+    if spans:
+        with ReadingStore(cfg.path(cfg.store.file)) as store:
+            store.add_labels(spans)
+    return len(spans)
 
 
 def _check_data(y: np.ndarray, min_windows: int) -> None:
