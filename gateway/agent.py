@@ -20,8 +20,9 @@ from gateway.apprise_push import AppriseNotifier
 from gateway.audit import audit_alerts
 from gateway.clock import Clock, ManualClock, SystemClock
 from gateway.config import Config, ReplaySection
-from gateway.errors import ConfigError, DeliveryError, StoreError
+from gateway.errors import ConfigError, DeliveryError, GatewayError, StoreError
 from gateway.learning import dataset
+from gateway.litert import CURRENT, ModelError, Scorer
 from gateway.metrics import Metrics
 from gateway.notify import MQTT_TARGET, Alert, MqttNotifier, Notifier
 from gateway.outbox import Outbox
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0
 CATCH_UP_S = 10.0
 RETENTION_EVERY_S = 3600.0
+MODEL_CHECK_S = 30.0
+"""How often the agent looks for a newly installed model."""
 
 
 class Agent:
@@ -143,6 +146,10 @@ class Agent:
         if live_ticks:
             self._spawn(self._tick_forever(), "rules-tick")
         self._spawn(self._retention_forever(), "store-retention")
+        if self.scorer is not None:
+            self._spawn(self._watch_model(), "model-watch")
+        if cfg.learning.train_every_h > 0:
+            self._spawn(self._train_forever(), "training-schedule")
         # READY and WATCHDOG come from the loop itself: a stuck loop goes silent.
         self._spawn(self.systemd.run(self._status_line), "systemd-notify")
         log.info("gateway %s running", cfg.gateway.id)
@@ -391,6 +398,34 @@ class Agent:
             self.pipeline.tick()
             await self.alerts.tick()
 
+    async def _watch_model(self) -> None:
+        """Swap in a model that `iomt-gateway train` (or a round) installed."""
+        current = self.config.path(self.config.learning.models_dir) / CURRENT
+        seen = _identity(current)
+        while True:
+            await asyncio.sleep(MODEL_CHECK_S)
+            now = _identity(current)
+            if now == seen or now is None or self.scorer is None:
+                continue
+            try:
+                self.scorer.swap(await asyncio.to_thread(Scorer, current))
+            except ModelError as exc:
+                log.error("new model not used, the old one stays: %s", exc)
+            seen = now
+
+    async def _train_forever(self) -> None:
+        """Run a training round every `[learning] train_every_h` hours."""
+        from gateway.learning.train import train_round
+
+        while True:
+            await asyncio.sleep(self.config.learning.train_every_h * 3600.0)
+            try:
+                await asyncio.to_thread(train_round, self.config)
+            except GatewayError as exc:
+                # Budget spent, too little data, a failed child: say so and wait
+                # for the next slot; the agent itself carries on.
+                log.warning("scheduled training round not done: %s", exc)
+
     async def _retention_forever(self) -> None:
         while True:
             deleted = await asyncio.to_thread(self.store.apply_retention)
@@ -477,6 +512,15 @@ def resolve_data(file: str) -> Path:
     if file.startswith("data:"):
         return data_path(file.removeprefix("data:"))
     return Path(file)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Inode and modification time: changes when a model is renamed into place."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _str(p: Path | None) -> str | None:

@@ -128,3 +128,70 @@ def test_frequent_ectopy_in_record_114_raises_one_alarm_where_it_clusters():
     # them more than the persistence delay earlier.
     assert len(before) >= 4
     assert raised[0] - before[0] >= 30
+
+
+@pytest.mark.broker
+def test_agent_scores_strap_beats_alerts_and_swaps_a_new_model(
+    tmp_path, broker, monkeypatch
+):
+    import asyncio
+    import json
+    import time
+
+    from gateway import agent as agent_module
+    from gateway.agent import Agent
+    from gateway.config import load_config
+    from gateway.litert import install_model
+    from models import tflite_template
+    from tests.test_agent import ert_phone, write_config
+    from tests.waiting import until
+
+    monkeypatch.setattr(agent_module, "MODEL_CHECK_S", 0.2)
+    cfg = load_config(write_config(tmp_path, broker, ["mqtt"]))
+    t0 = time.time() - 2000
+    beats = [
+        Reading(r.device_id, r.kind, r.value, t0 + (r.measured_at - START), "p-7")
+        for r in _record_rr("114")
+        if r.measured_at - START < 400
+    ]
+
+    async def scenario() -> None:
+        received: list[dict] = []
+        phone = await ert_phone(broker, received)
+        agent = Agent(cfg)
+        await agent.start()
+        try:
+            for r in beats:
+                agent.pipeline.ingest(r)
+            await until(
+                lambda: any("Irregular rhythm" in m["reason"] for m in received),
+                what="irregular-rhythm alert",
+            )
+            await agent.store.flush()
+            scores = agent.store.readings(patient_ref="p-7", kind=Kind.RHYTHM_SCORE)
+            assert len(scores) == (len(beats) - 16) // 4 + 1
+            old = agent.scorer.scorer
+            # A round installs a new model; the agent swaps it in by itself.
+            weights = [np.zeros((1, 20), np.float32), np.array([2.0], np.float32)]
+            install_model(
+                tflite_template.with_weights("linear", weights),
+                cfg.path(cfg.learning.models_dir),
+                known_window=np.zeros((1, 20), np.float32),
+            )
+            await until(lambda: agent.scorer.scorer is not old, what="model swap")
+            # The new model (zero weights, bias 2) scores every window sigmoid(2).
+            moved = [
+                Reading("strap-new", r.kind, r.value, r.measured_at, "p-8")
+                for r in beats[:16]
+            ]
+            score = [agent.scorer.feed(r) for r in moved][-1]
+            assert score is not None
+            assert score.value == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-6)
+        finally:
+            await agent.stop()
+            await phone.close()
+        alert = next(m for m in received if "Irregular rhythm" in m["reason"])
+        assert alert["priority"] == "low"
+        assert json.dumps(alert).count("p-7") >= 1
+
+    asyncio.run(scenario())
