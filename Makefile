@@ -7,12 +7,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check format broker-package clean
+.PHONY: demo test check format system-packages clean
 
-demo: $(STAMP) broker-package
+demo: $(STAMP) system-packages
 	$(BIN)/iomt-gateway demo
 
-test: $(STAMP) broker-package
+test: $(STAMP) system-packages
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
@@ -32,12 +32,16 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The demo and the tests start their own mosquitto on a free loopback port and stop it
-# after; they only need the Debian package installed (not its system service).
-broker-package:
-	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
+# after; they only need the Debian package installed (not its system service). The
+# tests also lint the unit files with systemd-analyze (Debian package systemd).
+system-packages:
+	@missing=""; \
+	{ command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; } || missing="mosquitto"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	test -z "$$missing" || { \
 	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; }
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
