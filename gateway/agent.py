@@ -34,6 +34,7 @@ from gateway.sdnotify import ServiceNotifier
 from gateway.status import STATUS_FILE, Activity, gauges, write_forever
 from gateway.store import ReadingStore
 from gateway.vault import labels as vault_labels
+from gateway.vault import monitoring_refs as vault_monitoring_refs
 from models import INITIAL_PATH
 from sensors.ble.bleak_central import BleakCentral, Central
 from sensors.ble.link import WearableLink, WearableSpec
@@ -194,7 +195,14 @@ class Agent:
         room logs are published to the broker as room sensors would and come back
         through the room-sensor adapter. With `speed=None`, as fast as possible.
         """
-        events = merge(*(self._recording(r, start) for r in self.config.replay))
+        opted_out = self.unmonitored()
+        events = merge(
+            *(
+                self._recording(r, start)
+                for r in self.config.replay
+                if r.patient not in opted_out
+            )
+        )
         clock = (
             self.clock if isinstance(self.clock, ManualClock) else ManualClock(start)
         )
@@ -215,7 +223,10 @@ class Agent:
         They label the replayed windows for training and evaluation, as the ERT's
         verdicts on alerts label a live gateway's.
         """
+        opted_out = self.unmonitored()
         for r in self.config.replay:
+            if r.patient in opted_out:
+                continue
             beats = resolve_data(r.file)
             pvc = beats.with_name(beats.name.replace("_all", "_pvc"))
             if r.source != "mitdb" or not r.patient or not pvc.exists():
@@ -304,11 +315,35 @@ class Agent:
             on_alert=self._on_alert,
         )
 
+    def unmonitored(self) -> set[str]:
+        """Patients of this configuration who opted out of monitoring (the vault).
+
+        Their wearables are not connected and their recordings not replayed: no
+        data of theirs is collected at all.
+        TODO(privacy): read at start only; an opt-out given while the agent runs
+        takes effect when it is next started.
+
+        Raises:
+            KeyFileError: A vault exists but its key is missing or unsafe.
+            VaultError: The vault does not decrypt.
+        """
+        allowed = vault_monitoring_refs(self.config)
+        if allowed is None:
+            return set()
+        return set(self._wearers.values()) - allowed - {None}
+
     def _start_wearables(self) -> None:
-        if not self.config.devices:
+        opted_out = self.unmonitored()
+        devices = [d for d in self.config.devices if d.patient not in opted_out]
+        if len(devices) < len(self.config.devices):
+            log.info(
+                "%d wearables not connected: their patients opted out of monitoring",
+                len(self.config.devices) - len(devices),
+            )
+        if not devices:
             return
         central = self._central or BleakCentral()
-        for device in self.config.devices:
+        for device in devices:
             spec = WearableSpec(
                 patient_ref=device.patient,
                 address=device.address,
