@@ -24,7 +24,7 @@ from tflite.BuiltinOperator import BuiltinOperator
 from tflite.BuiltinOptions import BuiltinOptions
 from tflite.TensorType import TensorType
 
-from models.twins import layer_shapes
+from models.architectures import layer_shapes
 
 SCHEMA_VERSION = 3
 """TFLite schema version written into the model."""

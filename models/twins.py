@@ -7,36 +7,28 @@ gradients and supports neither.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-ARCHS = ("linear", "mlp")
-"""Architectures with a torch twin and a TFLite template."""
+from models.architectures import ARCHS, MLP_HIDDEN, layer_shapes
 
-MLP_HIDDEN = (16, 8)
-"""Hidden layer widths of the MLP."""
+# ARCHS, MLP_HIDDEN and layer_shapes live in the torch-free `models.architectures`.
+__all__ = [
+    "ARCHS",
+    "MLP_HIDDEN",
+    "build",
+    "layer_shapes",
+    "load_weights",
+    "logits",
+    "loss_fn",
+    "scores",
+    "weights",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def layer_shapes(arch: str, n_features: int) -> list[tuple[int, int]]:
-    """(out, in) of each fully connected layer of `arch`, input to output.
-
-    Raises:
-        ValueError: If `arch` is unknown or n_features is not positive.
-    """
-    if n_features < 1:
-        raise ValueError(f"n_features must be >= 1, got {n_features}")
-    if arch == "linear":
-        return [(1, n_features)]
-    if arch == "mlp":
-        widths = [n_features, *MLP_HIDDEN, 1]
-        return [(out, inp) for inp, out in itertools.pairwise(widths)]
-    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHS}")
 
 
 def build(arch: str, n_features: int) -> nn.Sequential:

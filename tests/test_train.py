@@ -148,3 +148,18 @@ def test_only_patients_consenting_in_the_vault_train(tmp_path, capsys):
     assert out["patients"] == 1
     assert out["windows"] == len(features.record_dataset(MITDB, "116")[1])
     assert "Ada" not in json.dumps(out) and ada not in json.dumps(out)
+
+
+def test_agent_and_training_parent_never_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gateway.agent, gateway.learning.train, gateway.cli, "
+        "gateway.federation.local; "
+        "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
