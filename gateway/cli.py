@@ -291,9 +291,11 @@ async def _run(cfg: Config, speed: float | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A crash in native code (SQLite, TFLite, ssl) leaves its Python stacks in the
+    # journal; `kill -USR1 PID` writes them too, for a stuck link, without stopping
+    # the agent. Code locations only, never data.
+    faulthandler.enable(all_threads=True)
     if hasattr(signal, "SIGUSR1"):
-        # `kill -USR1 PID` writes every thread's stack to the journal: code
-        # locations only, no data, for diagnosing a stuck link without stopping it.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     accelerated = bool(cfg.replay) and speed is not None
