@@ -11,6 +11,7 @@ import contextlib
 import faulthandler
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -48,11 +49,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    """The `iomt-gateway` executable: `main()` as a process."""
-    if hasattr(signal, "SIGPIPE"):
-        # `iomt-gateway alerts | head`: end quietly when the reader goes away.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    sys.exit(main())
+    """The `iomt-gateway` executable: `main()` as a process.
+
+    SIGPIPE stays ignored, as Python sets it: with the default action, a write to
+    a socket whose peer has gone (a broker restarting) would kill the agent
+    without a word. A reader of our output going away (`alerts | head`) is a
+    BrokenPipeError instead, and ends the command quietly.
+    """
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush is quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = ExitCode.OK
+    sys.exit(code)
 
 
 def _parser() -> argparse.ArgumentParser:

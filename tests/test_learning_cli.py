@@ -76,3 +76,18 @@ def test_privacy_command_shows_spent_left_and_rounds(
     assert [(r["status"], r["steps"]) for r in shown["rounds"]] == [("spent", 1000)]
     assert main(["privacy", "--config", str(config)]) == 0
     assert f"epsilon spent {spent:.3f} of 3" in capsys.readouterr().out
+
+
+def test_a_reader_going_away_ends_a_command_quietly() -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "decode", "2a37", "16", "4e", "1b", "03"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child.stdout.close()  # like `| head -0`: gone before the command writes
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 0
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
