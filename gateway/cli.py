@@ -347,19 +347,12 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:
     from gateway.config import load_config
-    from gateway.learning.privacy import PrivacyAccount
+    from gateway.learning.train import account
 
     cfg = load_config(args.config)
     learning = cfg.learning
-    account = PrivacyAccount(
-        cfg.path(learning.privacy_file),
-        epsilon_max=learning.epsilon_max,
-        delta=learning.delta,
-    )
-    try:
-        spent, rounds = account.spent(), account.history()
-    finally:
-        account.close()
+    with account(cfg) as gateway_account:
+        spent, rounds = gateway_account.spent(), gateway_account.history()
     if args.json:
         print(
             json.dumps(

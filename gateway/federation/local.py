@@ -22,7 +22,8 @@ from gateway.errors import GatewayError
 from gateway.federation import model, update
 from gateway.federation.ledger import FederationLog
 from gateway.learning import dataset, job
-from gateway.learning.privacy import BudgetExceeded, PrivacyAccount
+from gateway.learning.privacy import BudgetExceeded
+from gateway.learning.train import account
 from models import features
 
 log = logging.getLogger(__name__)
@@ -195,16 +196,8 @@ def record_refusal(cfg: Config, plan: RoundPlan, outcome: str) -> None:
 
 def spent(cfg: Config) -> float:
     """Cumulative epsilon of the gateway's privacy account."""
-    learning = cfg.learning
-    account = PrivacyAccount(
-        cfg.path(learning.privacy_file),
-        epsilon_max=learning.epsilon_max,
-        delta=learning.delta,
-    )
-    try:
-        return account.spent()
-    finally:
-        account.close()
+    with account(cfg) as gateway_account:
+        return gateway_account.spent()
 
 
 def install_global(

@@ -217,6 +217,12 @@ class PrivacyAccount:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
 
+    def __enter__(self) -> PrivacyAccount:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Close the database connection."""
         self._db.close()

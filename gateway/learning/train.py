@@ -212,28 +212,22 @@ def _check_data(y: np.ndarray, min_windows: int) -> None:
         )
 
 
-def _spent(cfg: Config) -> float:
+def account(cfg: Config) -> PrivacyAccount:
+    """The gateway's privacy account, as configured in `[learning]` (close it)."""
     learning = cfg.learning
-    account = PrivacyAccount(
+    return PrivacyAccount(
         cfg.path(learning.privacy_file),
         epsilon_max=learning.epsilon_max,
         delta=learning.delta,
     )
-    try:
-        return account.spent()
-    finally:
-        account.close()
+
+
+def _spent(cfg: Config) -> float:
+    with account(cfg) as gateway_account:
+        return gateway_account.spent()
 
 
 def _last_round(cfg: Config) -> tuple[int, float]:
     """The id of the account's latest round, and the epsilon after it."""
-    learning = cfg.learning
-    account = PrivacyAccount(
-        cfg.path(learning.privacy_file),
-        epsilon_max=learning.epsilon_max,
-        delta=learning.delta,
-    )
-    try:
-        return account.history()[-1].id, account.spent()
-    finally:
-        account.close()
+    with account(cfg) as gateway_account:
+        return gateway_account.history()[-1].id, gateway_account.spent()
