@@ -192,10 +192,31 @@ def gather(cfg: Config, now: float | None = None) -> dict[str, Any]:
         "disk": disk_use(cfg),
         "model": model_info(cfg.path(cfg.learning.models_dir) / "current.tflite"),
         "privacy": privacy_info(cfg),
-        # TODO(status): no federated uplink runs inside the agent yet; once the
-        # SuperNode reports its state, show its connection here.
-        "uplink": {"configured": False},
+        "uplink": uplink_info(cfg.path(cfg.federation.log_file), now),
     }
+
+
+def uplink_info(log_file: Path, now: float) -> dict[str, Any]:
+    """The federated uplink as this gateway's round log records it.
+
+    The SuperNode runs beside the agent, not in it: its last round is the sign of
+    life the status can read. TODO(status): the SuperNode's live connection state.
+    """
+    if not log_file.exists():
+        return {"configured": False}
+    from gateway.federation.ledger import FederationLog
+
+    with FederationLog(log_file) as ledger:
+        rounds, version = ledger.rounds(limit=1), ledger.installed_version()
+    info: dict[str, Any] = {"configured": True, "model_version": version}
+    if rounds:
+        last = rounds[-1]
+        info |= {
+            "last_round_age_s": round(max(0.0, now - last.at), 1),
+            "last_round": last.server_round,
+            "last_outcome": last.outcome,
+        }
+    return info
 
 
 def _read_agent(path: Path, now: float) -> dict[str, Any]:
@@ -326,10 +347,24 @@ def render(status: dict[str, Any]) -> str:
     """The status screen as text."""
     lines = [f"gateway {status['gateway']}"]
     lines += _agent_lines(status["agent"])
+    lines.append(_uplink_line(status["uplink"]))
     lines += _alert_lines(status["alerts"])
     lines += _disk_lines(status["disk"])
     lines += _learning_lines(status["model"], status["privacy"])
     return "\n".join(lines)
+
+
+def _uplink_line(uplink: dict[str, Any]) -> str:
+    if not uplink["configured"]:
+        return "uplink    not configured (no federated round yet)"
+    version = uplink["model_version"]
+    model = f"global model v{version}" if version is not None else "no global model"
+    if "last_round" not in uplink:
+        return f"uplink    no federated round yet; {model}"
+    return (
+        f"uplink    last federated round {uplink['last_round']} "
+        f"{_ago(uplink['last_round_age_s'])} ({uplink['last_outcome']}); {model}"
+    )
 
 
 def _agent_lines(agent: dict[str, Any]) -> list[str]:
@@ -345,7 +380,6 @@ def _agent_lines(agent: dict[str, Any]) -> list[str]:
         state = "connected" if link["connected"] else "DISCONNECTED"
         state += "" if agent["running"] else " at last status"
         lines.append(f"mqtt      {role:<8} {state}, {link['reconnects']} reconnects")
-    lines.append("uplink    not configured")
     lines += [_wearable_line(w, age) for w in agent["wearables"]]
     lines += [_source_line(s, age) for s in agent["sources"]]
     p = agent["pipeline"]

@@ -66,8 +66,8 @@ def test_demo_ends_with_a_training_round_and_a_model_swap(
     output, state = demo
     from models import INITIAL_PATH
 
-    epochs = re.findall(r"epoch (\d)/3  loss [\d.]+  epsilon so far ([\d.]+)", output)
-    assert [e for e, _ in epochs] == ["1", "2", "3"]
+    epochs = re.findall(r"epoch (\d)/5  loss [\d.]+  epsilon so far ([\d.]+)", output)
+    assert [e for e, _ in epochs] == ["1", "2", "3", "4", "5"]
     with sqlite3.connect(state / "privacy.db") as db:
         rounds = db.execute("SELECT status, epsilon_after FROM rounds").fetchall()
     assert len(rounds) == 1 and rounds[0][0] == "spent"

@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from gateway.audit import AuditLog
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.federation import model, update
@@ -200,6 +201,16 @@ def test_three_gateways_three_rounds_over_tls_with_registered_nodes(
             assert rows[-1].epsilon_after == pytest.approx(want, rel=1e-9)
         finally:
             account.close()
+        # Every update that left is in the gateway's audit trail by its hash,
+        # with the training round behind it, and the trail verifies.
+        with AuditLog.for_config(load_config(config)) as trail:
+            entries = trail.entries()
+            assert trail.verify().ok
+        sent_entries = [e for e in entries if e.kind == "update.sent"]
+        assert [json.loads(e.details)["sha256"] for e in sent_entries] == [
+            r.update_sha256 for r in rows
+        ]
+        assert len([e for e in entries if e.kind == "training.round"]) == 3
         # The final global model is installed on every gateway, byte for byte.
         installed = config.parent / "models" / "current.tflite"
         assert installed.read_bytes() == (out / versions[-1]["tflite"]).read_bytes()

@@ -200,3 +200,30 @@ def test_cli_log_setup_writes_json_lines() -> None:
         "gateway.agent",
         "gateway gw-1 running",
     )
+
+
+def test_the_uplink_line_shows_the_last_federated_round(tmp_path: Path) -> None:
+    from gateway.federation.ledger import FederationLog
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{tmp_path}"\n')
+    cfg = load_config(config)
+    assert "uplink    not configured" in render(gather(cfg))
+    with FederationLog(cfg.path(cfg.federation.log_file)) as ledger:
+        ledger.record(
+            run_id="run-1",
+            server_round=2,
+            outcome="sent",
+            bytes_sent=84,
+            update_sha256="ab" * 32,
+            examples=1000,
+            epsilon_after=1.5,
+            model_version=1,
+        )
+        ledger.set_installed(2)
+    status = gather(cfg, now=time.time() + 120)
+    assert status["uplink"]["last_round"] == 2
+    assert status["uplink"]["model_version"] == 2
+    assert "uplink    last federated round 2 2 min ago (sent); global model v2" in (
+        render(status)
+    )

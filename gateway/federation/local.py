@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway import audit
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.federation import model, update
@@ -165,6 +166,7 @@ def _finish(
             epsilon_after=sent.epsilon,
             model_version=plan.model_version,
         )
+    _audit(cfg, plan, sent)
     if cfg.federation.keep_sent_updates:
         kept = cfg.path(cfg.federation.work_dir) / "sent"
         kept.mkdir(parents=True, exist_ok=True)
@@ -177,6 +179,28 @@ def _finish(
         examples,
     )
     return sent
+
+
+def _audit(cfg: Config, plan: RoundPlan, sent: LocalUpdate) -> None:
+    """The local training round and the update that left, in the audit trail."""
+    with account(cfg) as gateway_account:
+        rounds = gateway_account.history()
+    this, before = rounds[-1], (rounds[-2].epsilon_after if len(rounds) > 1 else 0.0)
+    audit.record_training_round(
+        cfg, this.id, this.epsilon_after - before, this.epsilon_after
+    )
+    with audit.AuditLog.for_config(cfg) as trail:
+        trail.record(
+            "update.sent",
+            details={
+                "run": plan.run_id,
+                "server_round": plan.server_round,
+                "training_round": this.id,
+                "sha256": sent.sha256,
+                "bytes": sent.bytes_sent,
+                "epsilon_total": this.epsilon_after,
+            },
+        )
 
 
 def record_refusal(cfg: Config, plan: RoundPlan, outcome: str) -> None:
