@@ -406,8 +406,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         installed = cfg.path(cfg.learning.models_dir) / "current.tflite"
         model = installed if installed.exists() else None
+
+    def progress(record: str, figures: dict[str, object]) -> None:
+        auroc = figures["auroc"]
+        print(
+            f"record {record}: {figures['windows']} windows "
+            f"({figures['positive_windows']} irregular), AUROC "
+            + ("undefined (one class)" if auroc is None else f"{auroc:.4f}"),
+            file=sys.stderr,
+            flush=True,
+        )
+
     try:
-        result = evaluate(args.dir, model)
+        result = evaluate(args.dir, model, on_record=progress)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.USAGE

@@ -7,6 +7,7 @@ holds a ventricular ectopic beat. The result is AUROC per record and over all wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,14 @@ def records_in(folder: Path) -> list[str]:
     return found
 
 
-def evaluate(folder: Path, model: Path | None = None) -> dict[str, object]:
+def evaluate(
+    folder: Path,
+    model: Path | None = None,
+    on_record: Callable[[str, dict[str, object]], None] | None = None,
+) -> dict[str, object]:
     """AUROC of `model` (default: the shipped one) per record and overall.
+
+    `on_record` is called with each record's name and figures as they are done.
 
     Raises:
         FileNotFoundError: `folder` holds no record pair.
@@ -82,6 +89,8 @@ def evaluate(folder: Path, model: Path | None = None) -> dict[str, object]:
             "windows": len(y),
             "positive_windows": int(y.sum()),
         }
+        if on_record is not None:
+            on_record(record, per_record[record])
     overall = auroc(np.concatenate(all_scores), np.concatenate(all_labels))
     return {
         "model": path.name,

@@ -38,8 +38,15 @@ def test_auroc_equals_the_pairwise_definition(pairs: list[tuple[float, bool]]) -
 
 def test_model_evaluate_prints_auroc_per_record(capsys: pytest.CaptureFixture) -> None:
     assert main(["model", "evaluate", str(MITDB)]) == 0
-    result = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    result = json.loads(out)
     records = result["records"]
+    # Progress on the terminal, one line per record, the JSON alone on stdout.
+    assert (
+        f"record 100: 2257 windows (16 irregular), AUROC {records['100']['auroc']}"
+        in (err)
+    )
+    assert len([line for line in err.splitlines() if line.startswith("record ")]) == 9
     assert sorted(records) == [
         "100", "102", "104", "105", "108", "114", "116", "121", "123"
     ]  # fmt: skip
