@@ -70,6 +70,9 @@ class AlarmEvent:
         room: Room reference, if about a room.
         device_id: The device concerned, for technical alarms.
         evidence: Readings that support it, oldest first.
+        detected_at: The gateway's clock when the rules produced it (set by the
+            pipeline); alerts are raised and cleared at this time, not when the
+            alert manager gets to the event.
     """
 
     condition: str
@@ -82,3 +85,4 @@ class AlarmEvent:
     room: str | None = None
     device_id: str | None = None
     evidence: tuple[Evidence, ...] = field(default=())
+    detected_at: float | None = None

@@ -182,11 +182,11 @@ class AlertManager:
             self.stats.suppressed += 1
             return None
 
-        # Raised at the gateway's time, not the event's: a sensor's clock may be
+        # Raised at the gateway's time, not the sensor's: a sensor's clock may be
         # off, and escalation counts from when the ERT could first have known.
         alert = dataclasses.replace(
             Alert.from_event(event, uuid.uuid4().hex, self._labels(event.patient_ref)),
-            raised_at=self._clock.now(),
+            raised_at=_gateway_time(event, self._clock),
         )
         supersedes = None if current is None else current.id
         # Committed (fsync'd) before the delivery task can see it.
@@ -203,7 +203,9 @@ class AlertManager:
         return alert
 
     async def _clear(self, event: AlarmEvent) -> None:
-        cleared = await self._db(self._outbox.clear, event.condition, event.at)
+        cleared = await self._db(
+            self._outbox.clear, event.condition, _gateway_time(event, self._clock)
+        )
         if cleared is not None:
             self.stats.cleared += 1
             log.info("alert %s cleared", cleared)
@@ -418,6 +420,11 @@ def _notifier_lookup(
     if missing:
         raise ValueError(f"no notifier for target(s): {', '.join(missing)}")
     return notifiers.__getitem__
+
+
+def _gateway_time(event: AlarmEvent, clock: Clock) -> float:
+    """When the rules produced the event, on the gateway's clock."""
+    return clock.now() if event.detected_at is None else event.detected_at
 
 
 def _parse_ack(message: MqttMessage) -> tuple[str, str | None, str | None] | None:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from gateway.alarms import AlarmEvent
@@ -176,7 +176,8 @@ class Pipeline:
 
     def tick(self, now: float | None = None) -> None:
         """Let the rules find silent streams as of `now` (the clock's time)."""
-        self._emit(self.rules.tick(self.clock.now() if now is None else now))
+        at = self.clock.now() if now is None else now
+        self._emit(self.rules.tick(at), at)
 
     def link_state(
         self, device_id: str, patient_ref: str | None, connected: bool
@@ -192,10 +193,13 @@ class Pipeline:
         if self.deriver is not None:
             self.deriver.forget(device_id)
 
-    def _emit(self, events: list[AlarmEvent]) -> None:
+    def _emit(self, events: list[AlarmEvent], now: float | None = None) -> None:
+        # Stamped now: the alert manager may get to an event later (an outbox
+        # fsync, a replay running ahead), and the alert's times must not drift.
+        detected_at = self.clock.now() if now is None else now
         for event in events:
             self.stats.events += 1
-            self._events.put_nowait(event)
+            self._events.put_nowait(replace(event, detected_at=detected_at))
 
     async def _dispatch(self) -> None:
         while True:

@@ -42,6 +42,7 @@ def event(
         room="ward-2/4",
         device_id="AA:BB:CC:DD:EE:FF",
         evidence=(Evidence(Kind.HEART_RATE, 137.0, "bpm", at - 1.0),),
+        detected_at=at,  # as the pipeline stamps it: the gateway's clock then
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import subprocess
@@ -55,6 +56,17 @@ def test_demo_timeline_matches_its_outbox_and_store(demo: tuple[str, Path]) -> N
             "SELECT count(*) FROM deliveries WHERE delivered_at IS NULL"
         ).fetchone()[0]
     assert alerts == len(timeline(output)) and undelivered == 0
+    # Raised when the rules saw the condition, on the replay's clock: never after
+    # it cleared, and close behind the evidence (however far ahead the replay
+    # ran while the alert manager wrote the outbox).
+    with sqlite3.connect(state / "outbox.db") as db:
+        rows = db.execute(
+            "SELECT raised_at, cleared_at, evidence FROM alerts"
+        ).fetchall()
+    for raised_at, cleared_at, evidence in rows:
+        assert cleared_at is None or raised_at <= cleared_at
+        latest = max((e["at"] for e in json.loads(evidence)), default=None)
+        assert latest is None or 0 <= raised_at - latest <= 660
     with sqlite3.connect(state / "readings.db") as db:
         stored = db.execute("SELECT count(*) FROM readings").fetchone()[0]
     assert f"readings stored: {stored} " in output
