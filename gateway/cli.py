@@ -39,13 +39,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"configuration invalid: {exc}", file=sys.stderr)
+        _fail(f"configuration invalid: {exc}", args.log_format)
         return exc.exit_code
     except GatewayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _fail(f"error: {exc}", args.log_format)
         return exc.exit_code
     except KeyboardInterrupt:
         return ExitCode.OK
+
+
+def _fail(message: str, log_format: str) -> None:
+    """Say why the command failed: a line for people, or a JSON log record."""
+    if log_format == "json":
+        log.error("%s", message)
+    else:
+        print(message, file=sys.stderr)
 
 
 def console_main() -> None:
@@ -346,10 +354,9 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) 
 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
     from gateway.learning.train import account
 
-    cfg = load_config(args.config)
+    cfg = _state_config(args.config)
     learning = cfg.learning
     with account(cfg) as gateway_account:
         spent, rounds = gateway_account.spent(), gateway_account.history()
@@ -471,6 +478,30 @@ def _operator_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, gateway={"data_dir": str(args.data_dir)})
 
 
+def _state_config(path: Path) -> Config:
+    """The configuration at `path`, for a command that reads the gateway's state."""
+    from gateway.config import load_config
+
+    return _with_state(load_config(path))
+
+
+def _with_state(cfg: Config) -> Config:
+    """`cfg`, once its data directory is known to exist.
+
+    Raises:
+        StoreError: It does not: the gateway never ran with this configuration.
+    """
+    from gateway.errors import StoreError
+
+    data_dir = cfg.gateway.data_dir
+    if not data_dir.is_dir():
+        raise StoreError(
+            f"no gateway state in {data_dir}: the gateway has not run with this "
+            "configuration yet, or gateway.data_dir is wrong (--data-dir where offered)"
+        )
+    return cfg
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from gateway.status import gather, render
 
@@ -483,7 +514,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from gateway.plots import report_command
 
     return report_command(
-        _operator_config(args), args.patient, args.since, args.out, args.budget_out
+        _with_state(_operator_config(args)),
+        args.patient,
+        args.since,
+        args.out,
+        args.budget_out,
     )
 
 
@@ -533,17 +568,15 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_patient(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
     from gateway.patients import patient_command
 
-    return patient_command(load_config(args.config), args)
+    return patient_command(_state_config(args.config), args)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     from gateway.audit import audit_command
-    from gateway.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = _state_config(args.config)
     return audit_command(cfg, args.audit_command, limit=args.limit, as_json=args.json)
 
 
@@ -557,10 +590,9 @@ def _add_learning_commands(sub: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
     from gateway.learning.train import train_round
 
-    cfg = load_config(args.config)
+    cfg = _state_config(args.config)
     epochs = cfg.learning.epochs
 
     def progress(p: dict[str, float]) -> None:
@@ -602,10 +634,9 @@ def train_dict(report: Any) -> dict[str, object]:
 
 
 def _cmd_federation_status(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
     from gateway.federation.status import print_status
 
-    print_status(load_config(args.config), last=args.last, as_json=args.json)
+    print_status(_state_config(args.config), last=args.last, as_json=args.json)
     return ExitCode.OK
 
 

@@ -31,7 +31,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from gateway.alarms import Category, Priority
-from gateway.errors import ExitCode
+from gateway.errors import ExitCode, GatewayError
 from gateway.outbox import AlertRecord, Outbox
 from gateway.readings import TECHNICAL, Kind, Reading
 from gateway.store import ReadingStore
@@ -436,6 +436,12 @@ def render_budget(
 # -- the command --------------------------------------------------------------------
 
 
+class NothingToReport(GatewayError):
+    """The patient has no readings and no alerts in the window asked for."""
+
+    exit_code = ExitCode.USAGE
+
+
 def report_command(
     cfg: Config,
     patient: str | None,
@@ -449,6 +455,10 @@ def report_command(
             "error: give --out FILE.png and/or --budget-out FILE.png", file=sys.stderr
         )
         return ExitCode.USAGE
+    for picture in (out, budget_out):
+        if picture is not None and not picture.resolve().parent.is_dir():
+            print(f"error: no folder {picture.parent} to write {picture.name} in")
+            return ExitCode.USAGE
     if out is not None:
         if patient is None:
             print("error: --out needs --patient REF", file=sys.stderr)
@@ -479,6 +489,13 @@ def _patient_png(cfg: Config, patient: str, since: float | None, out: Path) -> N
         label=cfg.labels().get(patient),
         timezone=cfg.gateway.timezone,
     )
+    if not report.alerts and not any(
+        len(series.times) for series in report.series.values()
+    ):
+        raise NothingToReport(
+            f"no readings or alerts of {patient!r} in this window: check the ref "
+            "(`iomt-gateway status` lists each stream's ref) and --since"
+        )
     render_patient(report, out)
     print(
         f"{out}: {len(report.alerts)} alerts, "

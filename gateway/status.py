@@ -223,6 +223,9 @@ def _read_agent(path: Path, now: float) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if not path.parent.is_dir():
+            reason = f"no data directory {path.parent}: the agent never ran with it"
+            return {"running": False, "reason": reason}
         return {"running": False, "reason": "no status file: the agent never ran"}
     except (OSError, ValueError) as exc:
         return {"running": False, "reason": f"status file unreadable ({exc})"}

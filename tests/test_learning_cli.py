@@ -98,3 +98,36 @@ def test_a_reader_going_away_ends_a_command_quietly() -> None:
     _, err = child.communicate(timeout=60)
     assert child.returncode == 0
     assert b"Traceback" not in err and b"BrokenPipe" not in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["privacy"], ["train"], ["audit", "verify"], ["federation", "status"]],
+)
+def test_state_commands_on_a_gateway_that_never_ran_say_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: list[str]
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "never"}"\n')
+    assert main([*command, "--config", str(config)]) == ExitCode.STORE_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert f"no gateway state in {tmp_path / 'never'}" in err
+    assert not (tmp_path / "never").exists()  # and nothing was created
+
+
+def test_report_refuses_an_unknown_patient_and_a_missing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{tmp_path}"\n')
+    from gateway.outbox import Outbox
+    from gateway.store import ReadingStore
+
+    with ReadingStore(tmp_path / "readings.db"), Outbox(tmp_path / "outbox.db"):
+        pass  # a gateway that ran, with nothing about this patient
+    report = ["report", "--config", str(config), "--patient", "p-nobody"]
+    assert main([*report, "--out", str(tmp_path / "no" / "x.png")]) == ExitCode.USAGE
+    assert "no folder" in capsys.readouterr().out
+    assert main([*report, "--out", str(tmp_path / "x.png")]) == ExitCode.USAGE
+    assert "no readings or alerts of 'p-nobody'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

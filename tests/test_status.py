@@ -78,7 +78,8 @@ def test_status_follows_a_running_agent(
     config.write_text(CONFIG.format(data_dir=tmp_path / "state", port=broker.port))
     assert status_json(config)["agent"] == {
         "running": False,
-        "reason": "no status file: the agent never ran",
+        "reason": f"no data directory {tmp_path / 'state'}: the agent never ran "
+        "with it",
     }
 
     agent = agent_process(config)
