@@ -21,6 +21,7 @@ patient ref (never the ref itself, which must vanish with `patient forget`), and
 - ``agent.started`` {config_sha256}; ``device.paired`` {device_id, config_sha256}
 - ``patient.added``, ``consent.changed`` {monitoring, training};
   ``patient.exported`` {readings, alerts}; ``patient.forgotten`` {counts}
+- ``keys.created`` {keys}
 - ``keys.rotated`` {key, entries}
 - ``training.round`` {round, epsilon_spent, epsilon_total}; ``update.sent``
   {round, update_sha256}
@@ -577,6 +578,12 @@ def audit_command(cfg: Config, action: str, *, limit: int, as_json: bool) -> int
     """
     path = cfg.path(cfg.security.audit_file)
     if not path.exists():
+        if KeySource.for_config(cfg).has(SIGNING_KEY):
+            # `keys init` opens the trail, so a gateway with keys has one.
+            raise AuditTamperedError(
+                f"no audit trail at {path}, although this gateway has a signing "
+                "key: it was deleted or moved"
+            )
         print(f"no audit trail at {path} yet")
         return ExitCode.OK
     audit = AuditLog.for_config(cfg)

@@ -475,6 +475,11 @@ def keys_command(cfg: Config, action: str) -> int:
     if action == "init":
         key_dir = KeySource.for_config(cfg).key_dir
         created = init_keys(key_dir)
+        if created:
+            # The trail starts with the keys: from here on a missing trail is a
+            # removed one (see `audit verify`).
+            with AuditLog.for_config(cfg) as audit:
+                audit.record("keys.created", details={"keys": sorted(created)})
         print(f"{key_dir}: created {', '.join(created) or 'nothing (all present)'}")
         return ExitCode.OK
     carried = vault.rotate(cfg)

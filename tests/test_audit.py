@@ -230,3 +230,21 @@ def test_training_rounds_and_updates_sent_are_recorded(
         assert audit.verify().ok
     assert first["details"] == {"round": 3, "epsilon_spent": 0.42, "epsilon_total": 1.7}
     assert second["details"]["update_sha256"] == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_a_removed_trail_is_found_once_the_gateway_has_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from gateway.cli import main
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "state"}"\n')
+    (tmp_path / "state").mkdir()
+    verify = ["audit", "verify", "--config", str(config)]
+    assert main(verify) == 0  # no keys, no trail yet: nothing to check
+    assert main(["keys", "init", "--config", str(config)]) == 0
+    assert main(verify) == 0
+    (tmp_path / "state" / "audit.db").rename(tmp_path / "elsewhere.db")
+    capsys.readouterr()
+    assert main(verify) == 70
+    assert "it was deleted or moved" in capsys.readouterr().err

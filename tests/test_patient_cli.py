@@ -120,10 +120,10 @@ def test_forget_then_audit_verify_and_a_tampered_trail(
     code, out, _ = run(capsys, "patient", "forget", ref, "--config", str(config))
     assert code == 0 and "roster entry removed" in out
     code, out, _ = run(capsys, "audit", "verify", "--config", str(config))
-    assert (code, out.strip()) == (0, "audit trail ok: 2 entries, 2 checkpoints")
+    assert (code, out.strip()) == (0, "audit trail ok: 3 entries, 3 checkpoints")
     code, out, _ = run(capsys, "audit", "show", "--config", str(config), "--json")
     kinds = [json.loads(line)["kind"] for line in out.splitlines()]
-    assert kinds == ["patient.added", "patient.forgotten"]
+    assert kinds == ["keys.created", "patient.added", "patient.forgotten"]
 
     cfg = load_config(config)
     with closing(sqlite3.connect(cfg.path(cfg.security.audit_file))) as db, db:
@@ -145,10 +145,11 @@ def test_pairing_and_key_rotation_are_audited(
     code, out, _ = run(capsys, "audit", "show", "--config", str(config), "--json")
     entries = [json.loads(line) for line in out.splitlines()]
     assert [e["kind"] for e in entries] == [
+        "keys.created",
         "patient.added",
         "device.paired",
         "keys.rotated",
     ]
-    assert entries[1]["details"]["device_id"] == "C8:4F:2A:10:77:01"
+    assert entries[2]["details"]["device_id"] == "C8:4F:2A:10:77:01"
     assert ref not in out and "p-1" not in out
     assert run(capsys, "audit", "verify", "--config", str(config))[0] == 0
