@@ -95,7 +95,7 @@ def test_demo_ends_with_a_training_round_and_a_model_swap(
     # The windows trained on are those of the two straps' records, labelled by
     # their reference annotations (records 100 and 123: 1 and 3 ectopic beats).
     windows, positives = re.search(
-        r"(\d+) windows of \d+ consenting patients \((\d+) with", output
+        r"(\d+) windows of 2 consenting patients \((\d+) with", output
     ).groups()
     assert 3700 < int(windows) < 3800 and int(positives) == 64
 

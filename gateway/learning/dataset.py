@@ -123,14 +123,32 @@ def training_set(
     Raises:
         StoreError: The store cannot be read.
     """
-    store = ReadingStore(Path(store_path))
-    parts = [patient_set(store, ref, stride) for ref in sorted(set(refs))]
+    return joined(training_parts(store_path, refs, stride))
+
+
+def joined(
+    parts: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """All patients' windows in one training set (empty arrays when none)."""
     if not parts:
         return _no_features(), np.empty(0, dtype=np.float32)
-    x = np.concatenate([p[0] for p in parts]).astype(np.float32)
-    y = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    x = np.concatenate([p[0] for p in parts.values()]).astype(np.float32)
+    y = np.concatenate([p[1] for p in parts.values()]).astype(np.float32)
     log.info("training set: %d windows of %d patients", len(y), len(parts))
     return x, y
+
+
+def training_parts(
+    store_path: Path, refs: Iterable[str], stride: int = 1
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per patient with at least one labelled window: their features and labels.
+
+    Raises:
+        StoreError: The store cannot be read.
+    """
+    store = ReadingStore(Path(store_path))
+    parts = {ref: patient_set(store, ref, stride) for ref in sorted(set(refs))}
+    return {ref: part for ref, part in parts.items() if len(part[1])}
 
 
 def annotation_labels(

@@ -46,7 +46,8 @@ class RoundReport:
     Attributes:
         windows: Labelled windows trained on.
         positives: Of them, windows holding a ventricular ectopic beat.
-        patients: Consenting patients whose windows were used.
+        patients: Consenting patients with labelled windows, whose windows were
+            used.
         epsilon_before: The account's epsilon before the round.
         epsilon_after: ...and after it.
         epsilon_max: The cap.
@@ -109,7 +110,8 @@ def train_round(
     learning = cfg.learning
     patients = sorted(consenting_patients(cfg) if refs is None else set(refs))
     sync_ert_labels(cfg)
-    x, y = dataset.training_set(cfg.path(cfg.store.file), patients)
+    parts = dataset.training_parts(cfg.path(cfg.store.file), patients)
+    x, y = dataset.joined(parts)
     _check_data(y, learning.min_windows)
     before = _spent(cfg)
     if before + learning.round_epsilon > learning.epsilon_max + 1e-9:
@@ -159,7 +161,7 @@ def train_round(
     report = RoundReport(
         windows=len(y),
         positives=int(y.sum()),
-        patients=len(patients),
+        patients=len(parts),
         epsilon_before=before,
         epsilon_after=after,
         epsilon_max=learning.epsilon_max,
