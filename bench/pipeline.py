@@ -3,7 +3,9 @@
 Prints one JSON object. Throughput is measured on one core (the process and the
 store's writer thread pinned together), with MIT-BIH record 100 replayed as 0x2A37
 notifications, and reported against a baseline measured in the same run: the same
-notifications through the decoder alone. Latency is from a reading's arrival in the
+notifications through the decoder alone. The full path is the agent's: decode, store,
+rules, and every fourth beat's RR window scored through TFLite (the scores stored and
+evaluated as readings too). Latency is from a reading's arrival in the
 pipeline to its alert committed in the outbox (synchronous=FULL), while background
 readings flow at about 1,000 per second.
 
@@ -27,13 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.alarms import AlarmEvent
 from gateway.alerts import AlertManager
 from gateway.clock import SystemClock
+from gateway.litert import Scorer
 from gateway.notify import MemoryNotifier
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.readings import Kind, Reading
 from gateway.rules import PatientRules, RuleEngine
+from gateway.scoring import RhythmScorer
 from gateway.store import ReadingStore
+from models import INITIAL_PATH
 from sensors.replay import data_path, mitdb, readings_from_hrm
+
+SCORED: list[int] = []
+"""RR windows scored by the model in each full-path run."""
 
 STRAPS = 20
 
@@ -68,7 +76,10 @@ async def full_path(
     store.open()
     outbox = Outbox(folder / "throughput-outbox.db")
     alerts = AlertManager(outbox, {"mem": MemoryNotifier()}, ["mem"], [], SystemClock())
-    pipeline = Pipeline(store, RuleEngine(), alerts, SystemClock())
+    # As in the agent: each strap's RR windows are scored through TFLite as they
+    # complete, and the scores are stored and evaluated too.
+    scorer = RhythmScorer(Scorer(INITIAL_PATH))
+    pipeline = Pipeline(store, RuleEngine(), alerts, SystemClock(), scorer)
     pipeline.start()
     began = time.perf_counter()
     n = 0
@@ -79,7 +90,8 @@ async def full_path(
     await store.flush()
     await pipeline.drain()
     elapsed = time.perf_counter() - began
-    assert store.count() == n, (store.count(), n)
+    assert store.count() == n + scorer.scored, (store.count(), n, scorer.scored)
+    SCORED.append(scorer.scored)
     await pipeline.stop()
     store.close()
     outbox.close()
@@ -160,7 +172,8 @@ def main() -> None:
         "notifications": len(items),
         "readings": full_n,
         "baseline_decode_only_readings_per_s": round(base_n / base_s),
-        "decode_store_rules_readings_per_s": round(full_n / full_s),
+        "decode_store_rules_score_readings_per_s": round(full_n / full_s),
+        "rr_windows_scored": SCORED[-1],
         "ratio_to_decode_only": round((full_n / full_s) / (base_n / base_s), 3),
         "alert_latency_samples": len(lat),
         "alert_latency_p50_ms": round(pct(lat, 50) * 1e3, 2),

@@ -104,6 +104,10 @@ class RhythmScorer:
         step = r.measured_at - beats.times[-1]
         return abs(step - r.value / 1000.0) <= GAP_TOLERANCE_S
 
+    # TODO(learning): windows are scored one at a time, and numpy's features of a
+    # single 16-beat window cost ~160 us (TFLite ~15 us): harmless at straps'
+    # 1 Hz, but a flat-out replay of 20 straps spends half its time here;
+    # scoring the windows due in one loop turn together would vectorise it.
     def _score(self, beats: _Beats, last: Reading) -> Reading:
         window = np.fromiter(beats.rr_ms, dtype=np.float64)
         score = float(self.scorer.score(features.features(window))[0])
