@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,8 +122,41 @@ def train_round(
             before + learning.round_epsilon,
             learning.epsilon_max,
         )
-    models_dir = cfg.path(learning.models_dir)
-    start_from = models_dir / CURRENT
+    arrays, result = _train_in_child(
+        cfg, x, y, before + learning.round_epsilon, on_progress
+    )
+    model = _install(cfg, arrays, x[:1], result["known_score"])
+    round_id, after = _last_round(cfg)
+    audit.record_training_round(cfg, round_id, after - before, after)
+    log.info(
+        "training round done: %d windows, epsilon %.3f -> %.3f of %g",
+        len(y),
+        before,
+        after,
+        learning.epsilon_max,
+    )
+    return RoundReport(
+        windows=len(y),
+        positives=int(y.sum()),
+        patients=len(parts),
+        epsilon_before=before,
+        epsilon_after=after,
+        epsilon_max=learning.epsilon_max,
+        model=model,
+        metrics=result.get("metrics", {}),
+    )
+
+
+def _train_in_child(
+    cfg: Config,
+    x: np.ndarray,
+    y: np.ndarray,
+    target_epsilon: float,
+    on_progress: Progress | None,
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Run the round in the training child; its weights (in template order)."""
+    learning = cfg.learning
+    current = cfg.path(learning.models_dir) / CURRENT
     with tempfile.TemporaryDirectory(prefix=".round-", dir=cfg.gateway.data_dir) as tmp:
         work = Path(tmp)  # mode 0700: the windows are health data
         np.savez(work / "data.npz", X=x, y=y)
@@ -133,49 +167,34 @@ def train_round(
                 "account": str(cfg.path(learning.privacy_file)),
                 "epsilon_max": learning.epsilon_max,
                 "delta": learning.delta,
-                "initial_model": str(
-                    start_from if start_from.exists() else INITIAL_PATH
-                ),
+                "initial_model": str(current if current.exists() else INITIAL_PATH),
                 "arch": learning.arch,
                 "epochs": learning.epochs,
                 "batch_size": learning.batch_size,
                 "lr": learning.lr,
                 "max_grad_norm": learning.max_grad_norm,
-                "target_epsilon": before + learning.round_epsilon,
+                "target_epsilon": target_epsilon,
             },
             on_progress=on_progress,
         )
         with np.load(result["weights"]) as weights:
-            arrays = [weights[name] for name in weights.files]
-    if not start_from.exists():
+            return [weights[name] for name in weights.files], result
+
+
+def _install(
+    cfg: Config, arrays: list[np.ndarray], known: np.ndarray, expected: float
+) -> Path:
+    """Write the weights into the template and swap the model in, verified."""
+    models_dir = cfg.path(cfg.learning.models_dir)
+    if not (models_dir / CURRENT).exists():
         # The shipped model becomes the previous one, so a rollback has a target.
-        install_model(INITIAL_PATH.read_bytes(), models_dir, known_window=x[:1])
-    model = install_model(
-        tflite_template.with_weights(learning.arch, arrays),
+        install_model(INITIAL_PATH.read_bytes(), models_dir, known_window=known)
+    return install_model(
+        tflite_template.with_weights(cfg.learning.arch, arrays),
         models_dir,
-        known_window=x[:1],
-        expected_score=result["known_score"],
+        known_window=known,
+        expected_score=expected,
     )
-    round_id, after = _last_round(cfg)
-    audit.record_training_round(cfg, round_id, after - before, after)
-    report = RoundReport(
-        windows=len(y),
-        positives=int(y.sum()),
-        patients=len(parts),
-        epsilon_before=before,
-        epsilon_after=after,
-        epsilon_max=learning.epsilon_max,
-        model=model,
-        metrics=result.get("metrics", {}),
-    )
-    log.info(
-        "training round done: %d windows, epsilon %.3f -> %.3f of %g",
-        report.windows,
-        report.epsilon_before,
-        report.epsilon_after,
-        report.epsilon_max,
-    )
-    return report
 
 
 def sync_ert_labels(cfg: Config) -> int:
