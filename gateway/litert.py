@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from gateway.errors import ExitCode, GatewayError
+from gateway.files import fsync_dir, write_synced
 
 try:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -104,24 +104,6 @@ class Scorer:
         self._batch = batch
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry itself is on disk.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(data: bytes, directory: Path, suffix: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=".incoming-", suffix=suffix, dir=directory)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return Path(name)
-
-
 def verify_model(
     path: Path, known_window: np.ndarray, expected_score: float | None = None
 ) -> float:
@@ -167,14 +149,16 @@ def install_model(
     directory = Path(models_dir)
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        staged = _write_temp(new_bytes, directory, ".tflite")
+        staged = write_synced(
+            new_bytes, directory, prefix=".incoming-", suffix=".tflite"
+        )
     except OSError as exc:
         raise ModelError(directory, f"cannot write: {exc}") from exc
     try:
         verify_model(staged, known_window, expected_score)
         _keep_previous(directory)
         os.replace(staged, directory / CURRENT)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
@@ -209,6 +193,6 @@ def rollback(models_dir: Path | str) -> Path:
     if not previous.exists():
         raise ModelError(directory, "no previous model to roll back to")
     os.replace(previous, directory / CURRENT)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     log.info("model rolled back to the previous one")
     return directory / CURRENT

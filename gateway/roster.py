@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
+from gateway.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +86,13 @@ def _entry(
 
 
 def _replace_validated(path: Path, text: str) -> Config:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        config = load_config(tmp)
-        os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    mode = path.stat().st_mode & 0o7777
+
+    def validated(written: Path) -> Config:
+        config = load_config(written)
+        os.chmod(written, mode)
+        return config
+
+    config = write_atomically(path, text.encode("utf-8"), validated)
+    assert config is not None
     return config

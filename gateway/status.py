@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.alarms import Priority
 from gateway.clock import Clock
+from gateway.files import write_atomically
 from gateway.readings import Reading
 
 if TYPE_CHECKING:
@@ -128,17 +128,7 @@ def _wearable(link: Any, now: float) -> dict[str, Any]:
 
 def write_status(path: Path, document: dict[str, Any]) -> None:
     """Replace `path` with `document` atomically (temp file, fsync, rename)."""
-    fd, temp = tempfile.mkstemp(prefix=".status-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(document, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    write_atomically(path, json.dumps(document, separators=(",", ":")).encode())
 
 
 async def write_forever(agent: Agent, path: Path) -> None:

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -48,6 +47,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.errors import ExitCode, GatewayError, StoreCorruptError
+from gateway.files import fsync_dir, write_atomically
 from gateway.keys import (
     PENDING_SUFFIX,
     PSEUDONYM_KEY,
@@ -179,7 +179,7 @@ class Vault:
         sealed = AESGCM(self._key).encrypt(
             nonce, json.dumps(document).encode(), header + self._aad
         )
-        _write_atomically(self.path, header + nonce + sealed)
+        write_atomically(self.path, header + nonce + sealed)
 
     @contextlib.contextmanager
     def editing(self) -> Iterator[dict[str, Patient]]:
@@ -384,30 +384,7 @@ def _pending_path(source: KeySource) -> Path:
 
 def _replace_key(pending: Path, current: Path) -> None:
     os.replace(pending, current)
-    _fsync_dir(current.parent)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the directory entry is on the card.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(current.parent)
 
 
 @contextlib.contextmanager
