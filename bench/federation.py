@@ -27,8 +27,7 @@ from flwr.app import Array
 from gateway.evaluate import auroc
 from gateway.federation import model, update
 from gateway.federation.ledger import FederationLog
-from gateway.federation.loopback import LoopbackFleet
-from gateway.learning import dataset
+from gateway.federation.loopback import LoopbackFleet, record_gateway
 from models.features import record_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,27 +35,6 @@ MITDB = ROOT / "sensors" / "data" / "mitdb"
 GATEWAYS = {"gw1": "105", "gw2": "108", "gw3": "116"}
 HELD_OUT = ("100", "123")
 SIGMA, BATCH, LR = 1.1, 64, 0.5
-
-
-def make_gateway(root: Path, name: str, record: str) -> Path:
-    """A gateway data dir whose store holds one record; returns its config."""
-    data = root / name
-    data.mkdir(parents=True)
-    dataset.import_annotated_record(
-        data / "readings.db",
-        f"p-{record}",
-        f"strap-{record}",
-        MITDB / f"{record}_all.csv",
-        MITDB / f"{record}_pvc.csv",
-        start=1_700_000_000.0,
-    )
-    config = data / "gateway.toml"
-    config.write_text(
-        f'[gateway]\ndata_dir = "{data}"\n[learning]\nepsilon_max = 50.0\n'
-        f"[federation]\nnoise_multiplier = {SIGMA}\nkeep_sent_updates = true\n"
-        f'[[patients]]\nref = "p-{record}"\n'
-    )
-    return config
 
 
 def serialised(encoded: update.Update) -> int:
@@ -118,7 +96,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fed-bench-") as tmp:
         root = Path(tmp)
-        configs = {n: make_gateway(root, n, r) for n, r in GATEWAYS.items()}
+        configs = {n: record_gateway(root, n, r) for n, r in GATEWAYS.items()}
         started = time.monotonic()
         with LoopbackFleet(root / "fleet") as fleet:
             for name, config in configs.items():

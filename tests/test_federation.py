@@ -26,47 +26,14 @@ from gateway.cli import main
 from gateway.config import load_config
 from gateway.federation import model, update
 from gateway.federation.ledger import FederationLog
-from gateway.federation.loopback import LoopbackFleet, write_node_keys
-from gateway.learning import dataset, privacy
+from gateway.federation.loopback import LoopbackFleet, record_gateway, write_node_keys
+from gateway.learning import privacy
 from gateway.learning.privacy import PrivacyAccount
 from gateway.litert import Scorer
 
-MITDB = Path(__file__).resolve().parents[1] / "sensors" / "data" / "mitdb"
 RECORDS = {"gw1": "105", "gw2": "108", "gw3": "116"}
 EPOCHS, BATCH = 2, 64
 SIGMA = 1.1
-
-
-def make_gateway(root: Path, name: str, record: str, **federation: object) -> Path:
-    """A gateway's data dir with one patient's MIT-BIH record; returns its config."""
-    data = root / name
-    data.mkdir(parents=True)
-    dataset.import_annotated_record(
-        data / "readings.db",
-        f"p-{record}",
-        f"strap-{record}",
-        MITDB / f"{record}_all.csv",
-        MITDB / f"{record}_pvc.csv",
-        start=1_700_000_000.0,
-    )
-    settings = {"noise_multiplier": SIGMA, "keep_sent_updates": True, **federation}
-    lines = [
-        "[gateway]",
-        f'data_dir = "{data}"',
-        "[learning]",
-        "epsilon_max = 50.0",
-        "[federation]",
-        *(f"{k} = {_toml(v)}" for k, v in settings.items()),
-        "[[patients]]",
-        f'ref = "p-{record}"',
-    ]
-    config = data / "gateway.toml"
-    config.write_text("\n".join(lines) + "\n")
-    return config
-
-
-def _toml(value: object) -> str:
-    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def run_config(out: Path, **extra: object) -> dict[str, object]:
@@ -147,10 +114,10 @@ def test_three_gateways_three_rounds_over_tls_with_registered_nodes(
     tmp_path: Path,
 ) -> None:
     configs = {
-        name: make_gateway(tmp_path, name, record, quantise_8bit=(name == "gw3"))
+        name: record_gateway(tmp_path, name, record, quantise_8bit=(name == "gw3"))
         for name, record in RECORDS.items()
     }
-    rogue = make_gateway(tmp_path, "rogue", "121")
+    rogue = record_gateway(tmp_path, "rogue", "121")
     out = tmp_path / "models"
     with LoopbackFleet(tmp_path / "fleet", secure=True) as fleet:
         for name, config in configs.items():
@@ -233,7 +200,7 @@ def test_a_node_killed_mid_round_leaves_the_round_to_the_others(
     tmp_path: Path,
 ) -> None:
     configs = {
-        name: make_gateway(tmp_path, name, record) for name, record in RECORDS.items()
+        name: record_gateway(tmp_path, name, record) for name, record in RECORDS.items()
     }
     out = tmp_path / "models"
     settings = run_config(

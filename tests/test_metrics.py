@@ -18,48 +18,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.agent import Agent
-from gateway.broker import LocalBroker
+from gateway.broker import LocalBroker, free_port
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics, reason_label, source_label, target_label
 from gateway.paho import MqttLink, MqttSettings
 from gateway.readings import Kind, Reading
+from tests.test_agent import write_config
 from tests.waiting import until
-
-CONFIG = """
-[gateway]
-id = "metrics-gw"
-data_dir = "{data_dir}"
-
-[mqtt]
-port = {port}
-client_id = "metrics-gw"
-
-[[mqtt.topics]]
-filter = "rooms/+/temperature"
-kind = "room_temperature"
-
-[rules]
-persistence_s = 0
-clear_after_s = 0
-
-[rooms]
-persistence_s = 0
-temperature_high = 26.0
-
-[metrics]
-port = {metrics_port}
-
-[[patients]]
-ref = "p-7"
-label = "Bed 7"
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> tuple[str, dict[tuple[str, tuple], float]]:
@@ -94,10 +60,8 @@ def test_metrics_move_as_readings_and_alerts_flow(
     tmp_path: Path, broker: LocalBroker
 ) -> None:
     port = free_port()
-    path = tmp_path / "gateway.toml"
-    path.write_text(
-        CONFIG.format(data_dir=tmp_path / "state", port=broker.port, metrics_port=port)
-    )
+    path = write_config(tmp_path, broker, ["mqtt"])
+    path.write_text(path.read_text() + f"\n[metrics]\nport = {port}\n")
     cfg = load_config(path)
 
     async def scenario() -> None:

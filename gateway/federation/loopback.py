@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gateway.broker import free_port
+
 log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent / "app"
@@ -37,13 +39,6 @@ APP_DIR = Path(__file__).resolve().parent / "app"
 
 CONNECTION = "fleet"
 """Name of the explicit SuperLink connection in the fleet's Flower config."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -301,6 +296,42 @@ def kill_tree(pid: int) -> None:
     for target in [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, signal.SIGKILL)
+
+
+def record_gateway(root: Path, name: str, record: str, **federation: object) -> Path:
+    """A gateway whose store holds one shipped MIT-BIH record; returns its config.
+
+    The record's RR intervals and reference labels are one patient's (`p-RECORD`);
+    `federation` overrides the `[federation]` keys (sigma 1.1, sent updates kept).
+    """
+    from gateway.learning import dataset
+    from sensors.replay import data_path
+
+    data = root / name
+    data.mkdir(parents=True)
+    mitdb = data_path("mitdb/100_all.csv").parent
+    dataset.import_annotated_record(
+        data / "readings.db",
+        f"p-{record}",
+        f"strap-{record}",
+        mitdb / f"{record}_all.csv",
+        mitdb / f"{record}_pvc.csv",
+        start=1_700_000_000.0,
+    )
+    settings = {"noise_multiplier": 1.1, "keep_sent_updates": True, **federation}
+    lines = [
+        "[gateway]",
+        f'data_dir = "{data}"',
+        "[learning]",
+        "epsilon_max = 50.0",
+        "[federation]",
+        *(f"{k} = {_toml(v)}" for k, v in settings.items()),
+        "[[patients]]",
+        f'ref = "p-{record}"',
+    ]
+    config = data / "gateway.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
 
 
 def _toml(value: object) -> str:
